@@ -1,0 +1,108 @@
+// The communicator abstraction the trainer reduces through: real MPI, or an in-process group
+// of threads standing in for ranks (for single-process tests of the reduction).
+#pragma once
+
+#include <mpi.h>
+
+#include <barrier>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "shardprop/error.hpp"
+
+namespace shardprop {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // In-place elementwise sum over all ranks; every rank receives the same values.
+  virtual void allreduce_sum(std::span<float> data) = 0;
+  virtual void allreduce_sum(std::span<double> data) = 0;
+  // The largest of the ranks' values.
+  virtual std::int64_t allreduce_max(std::int64_t value) = 0;
+  // Copies root's bytes to every rank.
+  virtual void broadcast(std::span<std::byte> data, int root) = 0;
+
+  template <class T>
+  void broadcast_values(std::span<T> values, int root) {
+    broadcast(std::as_writable_bytes(values), root);
+  }
+};
+
+// Runs `fn` on every rank. If it throws on any rank, the lowest failing rank rethrows its
+// error and the others throw PeerFailure, so exactly one rank reports the cause.
+template <class Fn>
+void collective_check(Communicator& comm, Fn&& fn) {
+  std::exception_ptr error;
+  try {
+    fn();
+  } catch (...) {
+    error = std::current_exception();
+  }
+  const std::int64_t failed = comm.allreduce_max(error ? comm.size() - comm.rank() : 0);
+  if (failed == 0) return;
+  if (error && comm.size() - comm.rank() == failed) std::rethrow_exception(error);
+  throw PeerFailure("rank " + std::to_string(comm.size() - failed) + " failed", __FILE__,
+                    __LINE__);
+}
+
+// Throws shardprop::Error naming `what` unless an MPI call returned MPI_SUCCESS.
+void check_mpi(int rc, const char* what);
+
+// A duplicate of an MPI communicator (errors returned, not fatal). Move-only. Freeing a
+// communicator is collective, so it happens in free(), never in the destructor; one that
+// was not freed is reclaimed by MPI_Finalize.
+class MpiComm final : public Communicator {
+ public:
+  explicit MpiComm(MPI_Comm parent = MPI_COMM_WORLD);
+  MpiComm(MpiComm&& other) noexcept;
+  MpiComm& operator=(MpiComm&& other) noexcept;
+  MpiComm(const MpiComm&) = delete;
+  MpiComm& operator=(const MpiComm&) = delete;
+  ~MpiComm() override = default;
+
+  // Collective: releases the duplicate.
+  void free();
+  MPI_Comm get() const { return comm_; }
+  // How many ranks of this communicator share this rank's node.
+  int ranks_on_node() const { return ranks_on_node_; }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  void allreduce_sum(std::span<float> data) override;
+  void allreduce_sum(std::span<double> data) override;
+  std::int64_t allreduce_max(std::int64_t value) override;
+  void broadcast(std::span<std::byte> data, int root) override;
+
+ private:
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0, size_ = 1, ranks_on_node_ = 1;
+};
+
+// P in-process ranks for tests: member(r) is rank r's endpoint; each must be used from its own
+// thread, and all members must take part in every collective. Sums add the ranks' values in
+// rank order, so every member gets identical results.
+class LocalGroup {
+ public:
+  explicit LocalGroup(int size);
+  ~LocalGroup();
+  Communicator& member(int rank);
+
+ private:
+  class Member;
+  friend class Member;
+  template <class T>
+  void allreduce(int rank, std::span<T> data);
+
+  int size_;
+  std::barrier<> barrier_;
+  std::vector<const void*> slots_;
+  std::vector<std::unique_ptr<Member>> members_;
+};
+
+}  // namespace shardprop

@@ -1,0 +1,64 @@
+// Data sets, their readers and writers, the epoch sampler and the per-rank shards.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "shardprop/params.hpp"
+#include "shardprop/spec.hpp"
+
+namespace shardprop {
+
+// N samples of D features (row-major), with either integer class labels or float targets.
+struct Dataset {
+  std::size_t rows = 0;
+  std::size_t cols = 0;
+  AlignedVector<float> features;      // rows × cols
+  std::vector<std::int32_t> labels;   // rows, or empty when targets are given
+  std::size_t target_cols = 0;
+  AlignedVector<float> targets;       // rows × target_cols, or empty when labels are given
+
+  bool has_labels() const { return !labels.empty(); }
+  // 1 + the largest label (0 without labels).
+  std::size_t label_classes() const;
+};
+
+// Reads an HDF5 data set: `features` (float, N×D) and `labels` (integer, N) or `targets`
+// (float, N×K). Throws naming the file and dataset on anything missing or malformed,
+// including NaN or Inf features.
+Dataset read_dataset(const std::string& path);
+// Writes `features` (float32) and `labels` (int32) or `targets` (float32).
+void write_dataset(const std::string& path, const Dataset& data);
+
+// Reads IDX image and label files (gzip or plain), as MNIST and Fashion-MNIST ship them;
+// pixels are scaled to [0, 1].
+Dataset read_idx(const std::string& images_path, const std::string& labels_path);
+// Reads a CSV file of numbers; column `label_column` (0-based) holds integer class labels,
+// every other column is a feature. A first line that is not numeric is taken as a header.
+Dataset read_csv(const std::string& path, std::size_t label_column);
+
+// Checks that `data` fits `spec`: feature width, label range or target width.
+void check_fits(const Dataset& data, const ModelSpec& spec, const std::string& name);
+
+// Copies the samples `indices` into x (n × D) and their targets into y (n × K): one-hot
+// rows for K ≥ 2 classes, the label itself for K = 1, or the stored target rows.
+void gather(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
+            float* x, float* y);
+
+// The order of the training samples in epoch `epoch`: a permutation of [0, n) drawn from
+// (seed, epoch) alone, so it is the same on every rank and for every rank count.
+void epoch_permutation(std::size_t n, std::uint64_t seed, std::uint64_t epoch,
+                       std::vector<std::uint32_t>& order);
+
+// Rank `rank`'s contiguous slice [begin, end) of a global batch of `rows` samples split
+// over `size` ranks; slices differ in length by at most one, and may be empty.
+struct Range {
+  std::size_t begin = 0, end = 0;
+  std::size_t size() const { return end - begin; }
+};
+Range shard_range(std::size_t rows, int rank, int size);
+
+}  // namespace shardprop

@@ -1,0 +1,53 @@
+// Error reporting: one exception type carrying the rank and file:line of the throw site.
+#pragma once
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace shardprop {
+
+// The rank printed in error messages; -1 until the communicator sets it.
+int& error_rank();
+
+// The one exception type of the library. what() is a single line.
+class Error : public std::runtime_error {
+ public:
+  Error(const std::string& message, const char* file, int line);
+  // The message without the location prefix, for user-facing output.
+  const std::string& message() const { return message_; }
+
+ private:
+  std::string message_;
+};
+
+// Thrown on ranks that did not fail themselves after a peer reported a failure in a
+// collectively checked section; the failing rank reports the real error.
+class PeerFailure : public Error {
+ public:
+  using Error::Error;
+};
+
+namespace detail {
+template <class... Args>
+std::string concat(Args&&... args) {
+  std::ostringstream out;
+  (out << ... << std::forward<Args>(args));
+  return out.str();
+}
+}  // namespace detail
+
+}  // namespace shardprop
+
+// Throws shardprop::Error with a message built from the streamed arguments.
+#define SP_THROW(...) \
+  throw ::shardprop::Error(::shardprop::detail::concat(__VA_ARGS__), __FILE__, __LINE__)
+
+// Throws unless cond holds.
+#define SP_CHECK(cond, ...)   \
+  do {                        \
+    if (!(cond)) {            \
+      SP_THROW(__VA_ARGS__);  \
+    }                         \
+  } while (false)

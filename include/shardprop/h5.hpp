@@ -1,0 +1,61 @@
+// RAII handles and checked helpers for the HDF5 C API.
+#pragma once
+
+#include <hdf5.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace shardprop::h5 {
+
+// Silences HDF5's own error-stack printing; our errors say what failed in one line.
+void quiet_errors();
+
+// Throws shardprop::Error naming `what` if an HDF5 call returned a negative status.
+void check(herr_t status, const std::string& what);
+
+// An owned HDF5 identifier, closed with the matching H5?close. Move-only.
+class Handle {
+ public:
+  using Closer = herr_t (*)(hid_t);
+  Handle() = default;
+  // Takes ownership of `id`; throws naming `what` if id is invalid (negative).
+  Handle(hid_t id, Closer closer, const std::string& what);
+  Handle(Handle&& other) noexcept
+      : id_(std::exchange(other.id_, H5I_INVALID_HID)), close_(other.close_) {}
+  Handle& operator=(Handle&& other) noexcept;
+  Handle(const Handle&) = delete;
+  Handle& operator=(const Handle&) = delete;
+  ~Handle();  // a failure to close here is ignored; call close() where it matters
+
+  hid_t get() const { return id_; }
+  // Closes now and throws naming `what` on failure (for files being written).
+  void close(const std::string& what);
+
+ private:
+  hid_t id_ = H5I_INVALID_HID;
+  Closer close_ = nullptr;
+};
+
+// Opens an existing file read-only; distinct errors for a missing file and a non-HDF5 file.
+Handle open_file(const std::string& path);
+// Creates (truncates) a file for writing.
+Handle create_file(const std::string& path);
+bool has_link(hid_t where, const std::string& name);
+Handle open_dataset(hid_t file, const std::string& name, const std::string& file_name);
+
+// A dataset's type class (H5T_INTEGER, H5T_FLOAT, ...) and dimensions.
+struct DatasetInfo {
+  H5T_class_t type_class;
+  std::vector<hsize_t> dims;
+};
+DatasetInfo dataset_info(hid_t dataset, const std::string& what);
+
+// Reads a whole dataset converted to `mem_type` into `out` (sized by the caller).
+void read_all(hid_t dataset, hid_t mem_type, void* out, const std::string& what);
+// Writes a new dataset of file type `file_type` with the given dimensions from `data`.
+void write_dataset(hid_t where, const std::string& name, hid_t file_type, hid_t mem_type,
+                   const std::vector<hsize_t>& dims, const void* data);
+
+}  // namespace shardprop::h5

@@ -1,0 +1,47 @@
+// Optimizers over the flat parameter buffer: one loop over every weight and bias.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string_view>
+
+#include "shardprop/params.hpp"
+
+namespace shardprop {
+
+enum class OptimizerKind { sgd, adam };
+OptimizerKind parse_optimizer(std::string_view name);
+std::string_view to_string(OptimizerKind kind);
+
+struct OptimizerConfig {
+  OptimizerKind kind = OptimizerKind::sgd;
+  double lr = 0.05;
+  double momentum = 0.9;      // sgd
+  double weight_decay = 0.0;  // L2 term added to the gradient: g + wd·w
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;  // adam
+};
+
+// SGD with momentum (v ← μv + g; w ← w − lr·v) or Adam (bias-corrected moments).
+// Its state (velocity, or first and second moments) is one flat buffer plus a step count.
+class Optimizer {
+ public:
+  Optimizer(const OptimizerConfig& config, std::size_t size);
+
+  // Applies one update with the mean gradient `grad` (same layout as params).
+  void step(std::span<float> params, std::span<const float> grad);
+
+  const OptimizerConfig& config() const { return config_; }
+  void set_lr(double lr) { config_.lr = lr; }
+  std::span<float> state() { return state_; }
+  std::span<const float> state() const { return state_; }
+  std::uint64_t steps() const { return steps_; }
+  void set_steps(std::uint64_t steps) { steps_ = steps; }
+
+ private:
+  OptimizerConfig config_;
+  std::size_t size_;
+  AlignedVector<float> state_;
+  std::uint64_t steps_ = 0;
+};
+
+}  // namespace shardprop

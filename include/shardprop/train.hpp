@@ -1,0 +1,116 @@
+// The data-parallel training loop: shard → forward → backward → allreduce → step.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "shardprop/comm.hpp"
+#include "shardprop/data.hpp"
+#include "shardprop/mlp.hpp"
+#include "shardprop/optimizer.hpp"
+
+namespace shardprop {
+
+// The gradient buffer holds the flat gradient followed by these reduced statistics, so a
+// single allreduce covers all of them.
+enum GradStat : std::size_t { kLossSum = 0, kCorrect = 1, kSamples = 2, kGradStats = 3 };
+
+struct MinibatchStats {
+  double loss_sum = 0;
+  double correct = 0;
+  double samples = 0;
+};
+
+// One rank's part of a global minibatch gradient: adds the gradient sums of this rank's
+// shard (x, y; it may be empty), allreduces the whole buffer with the loss sum, correct
+// count and sample count, and divides by the global sample count. On return grad[0, n)
+// is the mean gradient of the global minibatch on every rank. `grad` has
+// layout.size() + kGradStats elements.
+template <class T>
+MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
+                                         std::span<const T> params, ConstMatrixView<T> x,
+                                         ConstMatrixView<T> y, std::span<T> grad);
+
+struct TrainConfig {
+  std::size_t batch = 256;         // global minibatch
+  std::size_t epochs = 10;
+  std::int64_t max_steps = -1;     // stop after this many steps in all (-1: no limit)
+  std::uint64_t seed = 1;
+  std::size_t eval_batch = 1024;   // rows per forward pass when evaluating
+  OptimizerConfig optimizer;
+};
+
+// Where training stands: enough, with the parameters and optimizer state, to continue.
+struct TrainState {
+  std::uint64_t step = 0;            // optimizer steps taken
+  std::uint64_t epoch = 0;           // current epoch, from 0
+  std::uint64_t batch_in_epoch = 0;  // next global minibatch within that epoch
+};
+
+struct EvalStats {
+  double loss = 0, accuracy = 0;
+  std::size_t samples = 0;
+};
+
+struct EpochStats {
+  std::uint64_t epoch = 0;  // 1-based, as printed
+  std::uint64_t step = 0;
+  EvalStats train;          // running mean over the epoch's minibatches
+  bool has_test = false;
+  EvalStats test;
+  double samples_per_s = 0, seconds = 0;
+};
+
+// Receives what the trainer does; every rank calls it, printing is up to the observer.
+class TrainObserver {
+ public:
+  virtual ~TrainObserver() = default;
+  virtual void on_progress(std::uint64_t /*epoch*/, std::uint64_t /*batch*/,
+                           std::uint64_t /*batches*/, double /*running_loss*/) {}
+  virtual void on_epoch(const EpochStats& /*stats*/) {}
+};
+
+class Trainer {
+ public:
+  // Every rank passes the same spec, config and training data. Checks that all ranks agree
+  // on the model layout and configuration, then takes rank 0's initial parameters.
+  Trainer(ModelSpec spec, TrainConfig config, Communicator& comm, const Dataset& train);
+
+  // Trains from the current state until config.epochs or config.max_steps.
+  void run(const Dataset* test, TrainObserver& observer);
+  // One optimizer step on the global minibatch `global_batch` (sample indices).
+  MinibatchStats step(std::span<const std::uint32_t> global_batch);
+  // Loss and accuracy over a whole data set, each rank evaluating its slice.
+  EvalStats evaluate(const Dataset& data);
+
+  std::size_t batches_per_epoch() const;
+  const ModelSpec& spec() const { return mlp_.spec(); }
+  const Layout& layout() const { return mlp_.layout(); }
+  std::span<float> params() { return params_; }
+  std::span<const float> params() const { return params_; }
+  Optimizer& optimizer() { return optimizer_; }
+  TrainState& state() { return state_; }
+  const TrainConfig& config() const { return config_; }
+  TrainConfig& config() { return config_; }
+
+ private:
+  void check_agreement();
+  std::size_t spec_output() const;
+
+  TrainConfig config_;
+  Communicator& comm_;
+  const Dataset& train_;
+  Mlp<float> mlp_;
+  AlignedVector<float> params_, grad_, x_, y_;
+  Optimizer optimizer_;
+  TrainState state_;
+  std::vector<std::uint32_t> order_;
+  std::uint64_t order_epoch_ = UINT64_MAX;
+};
+
+// One JSON object (no newline) with the epoch's metrics.
+std::string metrics_json(const EpochStats& stats, int ranks, int threads);
+
+}  // namespace shardprop

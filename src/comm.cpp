@@ -1,0 +1,132 @@
+#include "shardprop/comm.hpp"
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <utility>
+
+namespace shardprop {
+
+void check_mpi(int rc, const char* what) {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  if (MPI_Error_string(rc, text, &length) != MPI_SUCCESS) length = 0;
+  SP_THROW(what, " failed: ", std::string(text, std::size_t(length)));
+}
+
+namespace {
+int checked_count(std::size_t n, const char* what) {
+  SP_CHECK(n <= std::size_t(INT_MAX), what, ": ", n, " elements exceed MPI's int count");
+  return static_cast<int>(n);
+}
+}  // namespace
+
+MpiComm::MpiComm(MPI_Comm parent) {
+  check_mpi(MPI_Comm_dup(parent, &comm_), "MPI_Comm_dup");
+  check_mpi(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+  check_mpi(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
+  check_mpi(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
+  MPI_Comm node = MPI_COMM_NULL;
+  check_mpi(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node),
+            "MPI_Comm_split_type");
+  const int rc = MPI_Comm_size(node, &ranks_on_node_);
+  check_mpi(MPI_Comm_free(&node), "MPI_Comm_free");
+  check_mpi(rc, "MPI_Comm_size");
+  error_rank() = size_ > 1 ? rank_ : -1;
+}
+
+MpiComm::MpiComm(MpiComm&& other) noexcept
+    : comm_(std::exchange(other.comm_, MPI_COMM_NULL)),
+      rank_(other.rank_),
+      size_(other.size_),
+      ranks_on_node_(other.ranks_on_node_) {}
+
+MpiComm& MpiComm::operator=(MpiComm&& other) noexcept {
+  comm_ = std::exchange(other.comm_, MPI_COMM_NULL);
+  rank_ = other.rank_;
+  size_ = other.size_;
+  ranks_on_node_ = other.ranks_on_node_;
+  return *this;
+}
+
+void MpiComm::free() {
+  if (comm_ != MPI_COMM_NULL) check_mpi(MPI_Comm_free(&comm_), "MPI_Comm_free");
+}
+
+void MpiComm::allreduce_sum(std::span<float> data) {
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, data.data(), checked_count(data.size(), "MPI_Allreduce"),
+                          MPI_FLOAT, MPI_SUM, comm_),
+            "MPI_Allreduce");
+}
+
+void MpiComm::allreduce_sum(std::span<double> data) {
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, data.data(), checked_count(data.size(), "MPI_Allreduce"),
+                          MPI_DOUBLE, MPI_SUM, comm_),
+            "MPI_Allreduce");
+}
+
+std::int64_t MpiComm::allreduce_max(std::int64_t value) {
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_INT64_T, MPI_MAX, comm_), "MPI_Allreduce");
+  return value;
+}
+
+void MpiComm::broadcast(std::span<std::byte> data, int root) {
+  check_mpi(MPI_Bcast(data.data(), checked_count(data.size(), "MPI_Bcast"), MPI_BYTE, root, comm_),
+            "MPI_Bcast");
+}
+
+class LocalGroup::Member final : public Communicator {
+ public:
+  Member(LocalGroup& group, int rank) : group_(group), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int size() const override { return group_.size_; }
+  void allreduce_sum(std::span<float> data) override { group_.allreduce(rank_, data); }
+  void allreduce_sum(std::span<double> data) override { group_.allreduce(rank_, data); }
+  std::int64_t allreduce_max(std::int64_t value) override {
+    group_.slots_[std::size_t(rank_)] = &value;
+    group_.barrier_.arrive_and_wait();
+    std::int64_t result = value;
+    for (const void* slot : group_.slots_) {
+      result = std::max(result, *static_cast<const std::int64_t*>(slot));
+    }
+    group_.barrier_.arrive_and_wait();
+    return result;
+  }
+  void broadcast(std::span<std::byte> data, int root) override {
+    group_.slots_[std::size_t(rank_)] = data.data();
+    group_.barrier_.arrive_and_wait();
+    if (rank_ != root) {
+      std::memcpy(data.data(), group_.slots_[std::size_t(root)], data.size());
+    }
+    group_.barrier_.arrive_and_wait();
+  }
+
+ private:
+  LocalGroup& group_;
+  int rank_;
+};
+
+LocalGroup::LocalGroup(int size) : size_(size), barrier_(size), slots_(std::size_t(size)) {
+  SP_CHECK(size > 0, "LocalGroup size must be positive, got ", size);
+  for (int r = 0; r < size; ++r) members_.push_back(std::make_unique<Member>(*this, r));
+}
+
+LocalGroup::~LocalGroup() = default;
+
+Communicator& LocalGroup::member(int rank) { return *members_.at(std::size_t(rank)); }
+
+template <class T>
+void LocalGroup::allreduce(int rank, std::span<T> data) {
+  slots_[std::size_t(rank)] = data.data();
+  barrier_.arrive_and_wait();
+  std::vector<T> sum(data.size(), T(0));
+  for (const void* slot : slots_) {
+    const T* contribution = static_cast<const T*>(slot);
+    for (std::size_t i = 0; i < sum.size(); ++i) sum[i] += contribution[i];
+  }
+  barrier_.arrive_and_wait();  // everyone has read every contribution
+  std::copy(sum.begin(), sum.end(), data.begin());
+}
+
+}  // namespace shardprop

@@ -1,0 +1,265 @@
+#include "shardprop/data.hpp"
+
+#include <zlib.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <fstream>
+#include <memory>
+#include <numeric>
+
+#include "shardprop/error.hpp"
+#include "shardprop/h5.hpp"
+#include "shardprop/rng.hpp"
+
+namespace shardprop {
+
+std::size_t Dataset::label_classes() const {
+  if (labels.empty()) return 0;
+  return std::size_t(*std::max_element(labels.begin(), labels.end())) + 1;
+}
+
+namespace {
+
+void check_finite(const AlignedVector<float>& values, std::size_t cols, const std::string& what) {
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    SP_CHECK(std::isfinite(values[i]), what, ": non-finite value ", values[i], " at row ",
+             i / cols, ", column ", i % cols);
+  }
+}
+
+}  // namespace
+
+Dataset read_dataset(const std::string& path) {
+  h5::Handle file = h5::open_file(path);
+  Dataset data;
+  {
+    h5::Handle features = h5::open_dataset(file.get(), "features", path);
+    const std::string what = path + ": dataset 'features'";
+    const auto info = h5::dataset_info(features.get(), what);
+    SP_CHECK(info.type_class == H5T_FLOAT, what, " must hold floats");
+    SP_CHECK(info.dims.size() == 2, what, " must be 2-D (samples × features), it is ",
+             info.dims.size(), "-D");
+    SP_CHECK(info.dims[0] > 0, what, " has no samples (N = 0)");
+    SP_CHECK(info.dims[1] > 0, what, " has no feature columns");
+    data.rows = info.dims[0];
+    data.cols = info.dims[1];
+    data.features.resize(data.rows * data.cols);
+    h5::read_all(features.get(), H5T_NATIVE_FLOAT, data.features.data(), "reading " + what);
+    check_finite(data.features, data.cols, what);
+  }
+  const bool has_labels = h5::has_link(file.get(), "labels");
+  const bool has_targets = h5::has_link(file.get(), "targets");
+  SP_CHECK(has_labels || has_targets, path, ": no dataset 'labels' (or 'targets')");
+  if (has_labels) {
+    h5::Handle labels = h5::open_dataset(file.get(), "labels", path);
+    const std::string what = path + ": dataset 'labels'";
+    const auto info = h5::dataset_info(labels.get(), what);
+    SP_CHECK(info.type_class == H5T_INTEGER, what, " must hold integers");
+    SP_CHECK(info.dims.size() == 1, what, " must be 1-D, it is ", info.dims.size(), "-D");
+    SP_CHECK(info.dims[0] == data.rows, what, " has ", info.dims[0], " entries, 'features' has ",
+             data.rows, " rows");
+    data.labels.resize(data.rows);
+    h5::read_all(labels.get(), H5T_NATIVE_INT32, data.labels.data(), "reading " + what);
+    const auto bad = std::find_if(data.labels.begin(), data.labels.end(),
+                                  [](std::int32_t l) { return l < 0; });
+    SP_CHECK(bad == data.labels.end(), what, ": negative label ", bad == data.labels.end() ? 0 : *bad,
+             " at row ", bad - data.labels.begin());
+  } else {
+    h5::Handle targets = h5::open_dataset(file.get(), "targets", path);
+    const std::string what = path + ": dataset 'targets'";
+    const auto info = h5::dataset_info(targets.get(), what);
+    SP_CHECK(info.type_class == H5T_FLOAT, what, " must hold floats");
+    SP_CHECK(info.dims.size() == 2 && info.dims[0] == data.rows && info.dims[1] > 0, what,
+             " must be ", data.rows, " × K");
+    data.target_cols = info.dims[1];
+    data.targets.resize(data.rows * data.target_cols);
+    h5::read_all(targets.get(), H5T_NATIVE_FLOAT, data.targets.data(), "reading " + what);
+    check_finite(data.targets, data.target_cols, what);
+  }
+  return data;
+}
+
+void write_dataset(const std::string& path, const Dataset& data) {
+  h5::Handle file = h5::create_file(path);
+  h5::write_dataset(file.get(), "features", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
+                    {data.rows, data.cols}, data.features.data());
+  if (data.has_labels()) {
+    h5::write_dataset(file.get(), "labels", H5T_STD_I32LE, H5T_NATIVE_INT32, {data.rows},
+                      data.labels.data());
+  } else {
+    h5::write_dataset(file.get(), "targets", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
+                      {data.rows, data.target_cols}, data.targets.data());
+  }
+  file.close("writing " + path);
+}
+
+namespace {
+
+struct GzCloser {
+  void operator()(gzFile f) const { gzclose(f); }
+};
+using GzFile = std::unique_ptr<gzFile_s, GzCloser>;
+
+// Reads an IDX file (gzip or plain): its dimensions and unsigned-byte payload.
+std::vector<std::uint8_t> read_idx_file(const std::string& path, int want_dims,
+                                        std::vector<std::uint32_t>& dims) {
+  GzFile file(gzopen(path.c_str(), "rb"));
+  SP_CHECK(file, path, ": cannot open");
+  unsigned char header[4];
+  SP_CHECK(gzread(file.get(), header, 4) == 4, path, ": too short for an IDX header");
+  SP_CHECK(header[0] == 0 && header[1] == 0 && header[2] == 0x08, path,
+           ": not an unsigned-byte IDX file (bad magic number)");
+  SP_CHECK(header[3] == want_dims, path, ": IDX file has ", int(header[3]), " dimensions, expected ",
+           want_dims);
+  dims.assign(std::size_t(want_dims), 0);
+  std::size_t total = 1;
+  for (auto& d : dims) {
+    unsigned char b[4];
+    SP_CHECK(gzread(file.get(), b, 4) == 4, path, ": truncated IDX header");
+    d = (std::uint32_t(b[0]) << 24) | (std::uint32_t(b[1]) << 16) | (std::uint32_t(b[2]) << 8) | b[3];
+    SP_CHECK(d > 0 && total <= (std::size_t{1} << 34) / d, path, ": implausible IDX dimension ", d);
+    total *= d;
+  }
+  std::vector<std::uint8_t> payload(total);
+  std::size_t done = 0;
+  while (done < total) {
+    const auto chunk = unsigned(std::min<std::size_t>(total - done, 1u << 30));
+    const int got = gzread(file.get(), payload.data() + done, chunk);
+    SP_CHECK(got > 0, path, ": truncated IDX data (", done, " of ", total, " bytes)");
+    done += std::size_t(got);
+  }
+  return payload;
+}
+
+}  // namespace
+
+Dataset read_idx(const std::string& images_path, const std::string& labels_path) {
+  std::vector<std::uint32_t> image_dims, label_dims;
+  const auto pixels = read_idx_file(images_path, 3, image_dims);
+  const auto labels = read_idx_file(labels_path, 1, label_dims);
+  SP_CHECK(image_dims[0] == label_dims[0], images_path, " has ", image_dims[0], " images but ",
+           labels_path, " has ", label_dims[0], " labels");
+  Dataset data;
+  data.rows = image_dims[0];
+  data.cols = std::size_t(image_dims[1]) * image_dims[2];
+  data.features.resize(pixels.size());
+  std::transform(pixels.begin(), pixels.end(), data.features.begin(),
+                 [](std::uint8_t p) { return float(p) / 255.0f; });
+  data.labels.assign(labels.begin(), labels.end());
+  return data;
+}
+
+namespace {
+
+bool parse_number(std::string_view field, float& value) {
+  while (!field.empty() && (field.front() == ' ' || field.front() == '\t')) field.remove_prefix(1);
+  while (!field.empty() && (field.back() == ' ' || field.back() == '\t' || field.back() == '\r')) {
+    field.remove_suffix(1);
+  }
+  if (!field.empty() && field.front() == '+') field.remove_prefix(1);
+  const auto [end, ec] = std::from_chars(field.data(), field.data() + field.size(), value);
+  return ec == std::errc() && end == field.data() + field.size() && !field.empty();
+}
+
+}  // namespace
+
+Dataset read_csv(const std::string& path, std::size_t label_column) {
+  std::ifstream in(path);
+  SP_CHECK(in, path, ": cannot open");
+  Dataset data;
+  std::string line;
+  std::vector<float> row;
+  std::size_t line_no = 0;
+  while (std::getline(in, line)) {
+    ++line_no;
+    if (line.empty() || line == "\r") continue;
+    row.clear();
+    bool numeric = true;
+    std::size_t start = 0;
+    while (true) {
+      const std::size_t comma = line.find(',', start);
+      float value = 0;
+      numeric = numeric && parse_number(std::string_view(line).substr(start, comma - start), value);
+      row.push_back(value);
+      if (comma == std::string::npos) break;
+      start = comma + 1;
+    }
+    if (!numeric) {
+      SP_CHECK(line_no == 1 && data.rows == 0, path, ":", line_no, ": not a number in '", line,
+               "'");
+      continue;  // header
+    }
+    if (data.rows == 0) {
+      SP_CHECK(label_column < row.size(), "--label-column ", label_column, " is out of range: ",
+               path, " has ", row.size(), " columns");
+      SP_CHECK(row.size() >= 2, path, ": needs a label column and at least one feature");
+      data.cols = row.size() - 1;
+    }
+    SP_CHECK(row.size() == data.cols + 1, path, ":", line_no, ": ", row.size(),
+             " columns, expected ", data.cols + 1);
+    const float label = row[label_column];
+    SP_CHECK(label >= 0 && label == std::floor(label) && label < 2147483648.0f, path, ":",
+             line_no, ": label ", label, " is not a non-negative integer");
+    data.labels.push_back(std::int32_t(label));
+    for (std::size_t c = 0; c < row.size(); ++c) {
+      if (c != label_column) data.features.push_back(row[c]);
+    }
+    ++data.rows;
+  }
+  SP_CHECK(data.rows > 0, path, ": no data rows");
+  check_finite(data.features, data.cols, path);
+  return data;
+}
+
+void check_fits(const Dataset& data, const ModelSpec& spec, const std::string& name) {
+  SP_CHECK(data.cols == spec.input_width(), name, ": ", data.cols,
+           " features per sample, but --layers starts with ", spec.input_width());
+  const std::size_t k = spec.output_width();
+  if (data.has_labels()) {
+    const std::size_t classes = k == 1 ? 2 : k;
+    const auto bad = std::find_if(data.labels.begin(), data.labels.end(), [&](std::int32_t l) {
+      return std::size_t(l) >= classes;
+    });
+    SP_CHECK(bad == data.labels.end(), name, ": label ", *bad, " at row ",
+             bad - data.labels.begin(), " is outside [0, ", classes, ") for ", k,
+             " output", k == 1 ? "" : "s");
+  } else {
+    SP_CHECK(data.target_cols == k, name, ": targets have ", data.target_cols,
+             " columns, the output layer has ", k);
+  }
+}
+
+void gather(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
+            float* x, float* y) {
+  for (std::size_t i = 0; i < indices.size(); ++i) {
+    const std::size_t row = indices[i];
+    std::copy_n(data.features.data() + row * data.cols, data.cols, x + i * data.cols);
+    float* target = y + i * k;
+    if (!data.has_labels()) {
+      std::copy_n(data.targets.data() + row * k, k, target);
+    } else if (k == 1) {
+      target[0] = float(data.labels[row]);
+    } else {
+      std::fill_n(target, k, 0.0f);
+      target[data.labels[row]] = 1.0f;
+    }
+  }
+}
+
+void epoch_permutation(std::size_t n, std::uint64_t seed, std::uint64_t epoch,
+                       std::vector<std::uint32_t>& order) {
+  SP_CHECK(n <= std::size_t(UINT32_MAX), "data set of ", n, " samples is too large");
+  order.resize(n);
+  std::iota(order.begin(), order.end(), 0u);
+  Rng rng(mix64(seed) ^ mix64(epoch + 0x5eed));
+  for (std::size_t i = n; i > 1; --i) std::swap(order[i - 1], order[rng.below(i)]);
+}
+
+Range shard_range(std::size_t rows, int rank, int size) {
+  const auto r = std::size_t(rank), p = std::size_t(size);
+  return {rows * r / p, rows * (r + 1) / p};
+}
+
+}  // namespace shardprop

@@ -1,0 +1,196 @@
+#include "shardprop/train.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <numeric>
+
+#include "shardprop/error.hpp"
+#include "shardprop/rng.hpp"
+
+namespace shardprop {
+
+template <class T>
+MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
+                                         std::span<const T> params, ConstMatrixView<T> x,
+                                         ConstMatrixView<T> y, std::span<T> grad) {
+  const Layout& layout = mlp.layout();
+  const std::size_t n = layout.size();
+  SP_CHECK(grad.size() == n + kGradStats, "gradient buffer has ", grad.size(),
+           " elements, expected ", n + kGradStats);
+  std::fill(grad.begin(), grad.end(), T(0));
+  if (x.rows() > 0) {
+    const LossSums sums = mlp.forward_backward(params, x, y, grad.first(n));
+    grad[n + kLossSum] = T(sums.loss);
+    grad[n + kCorrect] = T(sums.correct);
+    grad[n + kSamples] = T(x.rows());
+  }
+  comm.allreduce_sum(grad);
+  const MinibatchStats stats{double(grad[n + kLossSum]), double(grad[n + kCorrect]),
+                             double(grad[n + kSamples])};
+  SP_CHECK(stats.samples > 0, "global minibatch is empty");
+  const T scale = T(1) / T(stats.samples);
+  for (std::size_t i = 0; i < n; ++i) grad[i] *= scale;
+  return stats;
+}
+
+template MinibatchStats reduce_minibatch_gradient<float>(Mlp<float>&, Communicator&,
+                                                         std::span<const float>,
+                                                         ConstMatrixView<float>,
+                                                         ConstMatrixView<float>,
+                                                         std::span<float>);
+template MinibatchStats reduce_minibatch_gradient<double>(Mlp<double>&, Communicator&,
+                                                          std::span<const double>,
+                                                          ConstMatrixView<double>,
+                                                          ConstMatrixView<double>,
+                                                          std::span<double>);
+
+Trainer::Trainer(ModelSpec spec, TrainConfig config, Communicator& comm, const Dataset& train)
+    : config_(config),
+      comm_(comm),
+      train_(train),
+      mlp_(std::move(spec)),
+      optimizer_(config.optimizer, mlp_.layout().size()) {
+  SP_CHECK(config_.batch >= std::size_t(comm_.size()), "--batch ", config_.batch,
+           " is smaller than the number of ranks (", comm_.size(), ")");
+  SP_CHECK(config_.batch <= train_.rows, "--batch ", config_.batch,
+           " is larger than the training set (", train_.rows, " samples)");
+  check_agreement();
+  const std::size_t n = mlp_.layout().size();
+  params_.assign(n, 0.0f);
+  grad_.assign(n + kGradStats, 0.0f);
+  const std::size_t shard_rows = (config_.batch + std::size_t(comm_.size()) - 1) / std::size_t(comm_.size());
+  const std::size_t rows = std::max(shard_rows, config_.eval_batch);
+  x_.resize(rows * train_.cols);
+  y_.resize(rows * spec_output());
+  mlp_.reserve(rows);
+  if (comm_.rank() == 0) init_params<float>(mlp_.spec(), mlp_.layout(), config_.seed, params_);
+  comm_.broadcast_values(std::span<float>(params_), 0);
+}
+
+std::size_t Trainer::spec_output() const { return mlp_.spec().output_width(); }
+
+void Trainer::check_agreement() {
+  // Every rank must build the same model and walk the same sample order; compare a hash.
+  std::uint64_t h = std::hash<std::string>{}(mlp_.spec().layers_string());
+  for (std::uint64_t v : {std::uint64_t(mlp_.spec().loss), std::uint64_t(mlp_.layout().size()),
+                          std::uint64_t(config_.batch), config_.seed, std::uint64_t(train_.rows),
+                          std::uint64_t(train_.cols)}) {
+    h = mix64(h ^ v);
+  }
+  const auto mine = std::int64_t(h >> 2);
+  const bool same = comm_.allreduce_max(mine) == mine && comm_.allreduce_max(-mine) == -mine;
+  SP_CHECK(same, "ranks disagree on the model layout, configuration or training data");
+}
+
+std::size_t Trainer::batches_per_epoch() const {
+  return (train_.rows + config_.batch - 1) / config_.batch;
+}
+
+MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch) {
+  const std::size_t k = spec_output();
+  const Range shard = shard_range(global_batch.size(), comm_.rank(), comm_.size());
+  const auto rows = Eigen::Index(shard.size());
+  gather(train_, global_batch.subspan(shard.begin, shard.size()), k, x_.data(), y_.data());
+  const MinibatchStats stats = reduce_minibatch_gradient<float>(
+      mlp_, comm_, params_, ConstMatrixView<float>(x_.data(), rows, Eigen::Index(train_.cols)),
+      ConstMatrixView<float>(y_.data(), rows, Eigen::Index(k)), grad_);
+  const std::uint64_t step = state_.step + 1;
+  SP_CHECK(std::isfinite(stats.loss_sum), "training diverged at step ", step, ": loss is ",
+           stats.loss_sum / stats.samples);
+  for (std::size_t l = 0; l < layout().layer_count(); ++l) {
+    const auto [begin, end] = layout().layer_range(l);
+    for (std::size_t i = begin; i < end; ++i) {
+      SP_CHECK(std::isfinite(grad_[i]), "training diverged at step ", step,
+               ": non-finite gradient in layer ", l);
+    }
+  }
+  optimizer_.step(params_, std::span<const float>(grad_).first(params_.size()));
+  state_.step = step;
+  return stats;
+}
+
+EvalStats Trainer::evaluate(const Dataset& data) {
+  const std::size_t k = spec_output();
+  const Range mine = shard_range(data.rows, comm_.rank(), comm_.size());
+  double sums[3] = {0, 0, double(mine.size())};
+  std::vector<std::uint32_t> indices;
+  for (std::size_t begin = mine.begin; begin < mine.end; begin += config_.eval_batch) {
+    const std::size_t end = std::min(mine.end, begin + config_.eval_batch);
+    indices.resize(end - begin);
+    std::iota(indices.begin(), indices.end(), std::uint32_t(begin));
+    gather(data, indices, k, x_.data(), y_.data());
+    const auto rows = Eigen::Index(indices.size());
+    const LossSums s = mlp_.evaluate(
+        params_, ConstMatrixView<float>(x_.data(), rows, Eigen::Index(data.cols)),
+        ConstMatrixView<float>(y_.data(), rows, Eigen::Index(k)));
+    sums[0] += s.loss;
+    sums[1] += s.correct;
+  }
+  comm_.allreduce_sum(std::span<double>(sums));
+  return {sums[0] / sums[2], sums[1] / sums[2], std::size_t(sums[2])};
+}
+
+void Trainer::run(const Dataset* test, TrainObserver& observer) {
+  using clock = std::chrono::steady_clock;
+  const std::uint64_t batches = batches_per_epoch();
+  auto steps_left = [&] {
+    return config_.max_steps < 0 || state_.step < std::uint64_t(config_.max_steps);
+  };
+  while (state_.epoch < config_.epochs && steps_left()) {
+    if (order_epoch_ != state_.epoch) {
+      epoch_permutation(train_.rows, config_.seed, state_.epoch, order_);
+      order_epoch_ = state_.epoch;
+    }
+    const auto start = clock::now();
+    double loss = 0, correct = 0, samples = 0;
+    while (state_.batch_in_epoch < batches && steps_left()) {
+      const std::size_t begin = state_.batch_in_epoch * config_.batch;
+      const std::size_t end = std::min(train_.rows, begin + config_.batch);
+      const MinibatchStats s =
+          step(std::span<const std::uint32_t>(order_).subspan(begin, end - begin));
+      loss += s.loss_sum;
+      correct += s.correct;
+      samples += s.samples;
+      ++state_.batch_in_epoch;
+      observer.on_progress(state_.epoch + 1, state_.batch_in_epoch, batches, loss / samples);
+    }
+    const double seconds = std::chrono::duration<double>(clock::now() - start).count();
+    const bool finished = state_.batch_in_epoch == batches;
+    EpochStats stats;
+    stats.epoch = state_.epoch + 1;
+    stats.step = state_.step;
+    stats.train = {samples > 0 ? loss / samples : 0.0, samples > 0 ? correct / samples : 0.0,
+                   std::size_t(samples)};
+    stats.samples_per_s = seconds > 0 ? samples / seconds : 0.0;
+    stats.seconds = seconds;
+    if (test) {
+      stats.has_test = true;
+      stats.test = evaluate(*test);
+    }
+    if (finished) {
+      ++state_.epoch;
+      state_.batch_in_epoch = 0;
+    }
+    if (samples > 0) observer.on_epoch(stats);
+  }
+}
+
+std::string metrics_json(const EpochStats& s, int ranks, int threads) {
+  const auto number = [](double v) {
+    if (!std::isfinite(v)) return std::string("null");
+    char text[32];
+    std::snprintf(text, sizeof text, "%.9g", v);
+    return std::string(text);
+  };
+  std::string json = "{\"epoch\":" + std::to_string(s.epoch) + ",\"step\":" + std::to_string(s.step);
+  json += ",\"train_loss\":" + number(s.train.loss) + ",\"train_acc\":" + number(s.train.accuracy);
+  json += ",\"test_loss\":" + (s.has_test ? number(s.test.loss) : "null");
+  json += ",\"test_acc\":" + (s.has_test ? number(s.test.accuracy) : "null");
+  json += ",\"samples_per_s\":" + number(s.samples_per_s) + ",\"epoch_seconds\":" + number(s.seconds);
+  json += ",\"ranks\":" + std::to_string(ranks) + ",\"threads\":" + std::to_string(threads) + "}";
+  return json;
+}
+
+}  // namespace shardprop
