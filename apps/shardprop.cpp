@@ -92,6 +92,19 @@ class Reporter final : public sp::TrainObserver {
   std::chrono::steady_clock::time_point last_{};
 };
 
+// A flag value that must be > 0 (or >= 0); the message names the value given.
+CLI::Validator number_above(double floor, bool inclusive) {
+  const std::string rule = std::string(inclusive ? ">= " : "> ") + (floor == 0 ? "0" : std::to_string(floor));
+  return CLI::Validator(
+      [=](std::string& text) -> std::string {
+        char* end = nullptr;
+        const double v = std::strtod(text.c_str(), &end);
+        const bool ok = end != text.c_str() && *end == '\0' && (inclusive ? v >= floor : v > floor);
+        return ok ? std::string() : "must be " + rule + ", got '" + text + "'";
+      },
+      "NUMBER " + rule);
+}
+
 std::string thousands(std::size_t n) {
   const std::string digits = std::to_string(n);
   std::string s;
@@ -217,23 +230,23 @@ int main(int argc, char** argv) {
   train->add_option("--loss", t.loss, "xent (softmax output), bce (sigmoid), mse (identity)")
       ->capture_default_str();
   train->add_option("--batch", t.batch, "Global minibatch size, split over the ranks")
-      ->check(CLI::PositiveNumber)->capture_default_str();
+      ->check(number_above(0, false))->capture_default_str();
   train->add_option("--epochs", t.epochs, "Passes over the training set")
-      ->check(CLI::PositiveNumber)->capture_default_str();
+      ->check(number_above(0, false))->capture_default_str();
   train->add_option("--max-steps", t.max_steps, "Stop after this many optimizer steps")
-      ->check(CLI::NonNegativeNumber);
+      ->check(number_above(0, true));
   train->add_option("--optimizer", t.optimizer, "sgd or adam")->capture_default_str();
-  train->add_option("--lr", t.lr, "Learning rate")->check(CLI::PositiveNumber)->capture_default_str();
+  train->add_option("--lr", t.lr, "Learning rate")->check(number_above(0, false))->capture_default_str();
   train->add_option("--momentum", t.momentum, "SGD momentum")
       ->check(CLI::Range(0.0, 0.999999))->capture_default_str();
   train->add_option("--weight-decay", t.weight_decay, "L2 weight decay")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
+      ->check(number_above(0, true))->capture_default_str();
   train->add_option("--threads", t.threads, "oneTBB threads per rank (default: cores / ranks on the node)")
-      ->check(CLI::PositiveNumber);
+      ->check(number_above(0, false));
   train->add_option("--seed", t.seed, "Seed of the initial weights and the sample order")
       ->capture_default_str();
   train->add_option("--eval-batch", t.eval_batch, "Rows per forward pass when evaluating")
-      ->check(CLI::PositiveNumber)->capture_default_str();
+      ->check(number_above(0, false))->capture_default_str();
   train->add_option("--metrics", t.metrics_path, "Write one JSON object per epoch to this file");
   train->add_option("--progress", t.progress, "Progress bar within an epoch")
       ->check(CLI::IsMember({"auto", "always", "never"}))->capture_default_str();
@@ -255,14 +268,16 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     // Every rank parses the same arguments, so every rank stops; rank 0 says why.
-    int code = 0;
+    const bool usage_error = e.get_exit_code() != 0;
     if (world_rank == 0) {
-      code = app.exit(e);
-    } else {
-      code = e.get_exit_code();
+      if (usage_error) {
+        std::fprintf(stderr, "shardprop: error: %s (see --help)\n", e.what());
+      } else {
+        app.exit(e);  // --help or --version
+      }
     }
     MPI_Finalize();
-    return code;
+    return usage_error ? 2 : 0;
   }
 
   int status = 0;

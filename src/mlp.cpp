@@ -45,8 +45,12 @@ void Mlp<T>::forward(std::span<const T> params, ConstMatrixView<T> x) {
     ConstMatrixView<T> in = l == 0 ? x : ConstMatrixView<T>(activation(l - 1, rows).data(),
                                                             Eigen::Index(rows),
                                                             Eigen::Index(spec_.layers[l].in));
+    // The output activation (softmax, sigmoid or identity) is fused with the loss, so the
+    // last layer leaves Z untouched here.
+    const bool output = l + 1 == spec_.layers.size();
     dense_forward<T>(in, layout_.weights(params, l), layout_.bias(params, l),
-                     spec_.layers[l].activation, activation(l, rows));
+                     output ? Activation::identity : spec_.layers[l].activation,
+                     activation(l, rows));
   }
 }
 

@@ -8,7 +8,8 @@
 namespace shardprop {
 
 // out = act(x·w + b). x (rows, in), w (in, out), b (out), out (rows, out).
-// Split over row blocks; softmax is left to the loss (out holds Z for it).
+// Split over row blocks. The model passes identity for its output layer, whose activation
+// is fused with the loss.
 template <class T>
 void dense_forward(ConstMatrixView<T> x, ConstMatrixView<T> w, ConstRowVectorView<T> b,
                    Activation act, MatrixView<T> out);

@@ -1,0 +1,184 @@
+#include "shardprop/data.hpp"
+
+#include <gtest/gtest.h>
+#include <zlib.h>
+
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "shardprop/error.hpp"
+
+namespace shardprop {
+namespace {
+
+namespace fs = std::filesystem;
+
+class DataTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("shardprop_data_test_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+
+  // Writes an unsigned-byte IDX file with the given dimensions, gzip'd or plain.
+  void write_idx(const std::string& file, const std::vector<std::uint32_t>& dims,
+                 const std::vector<std::uint8_t>& payload, bool gz) {
+    std::vector<std::uint8_t> bytes{0, 0, 0x08, std::uint8_t(dims.size())};
+    for (std::uint32_t d : dims) {
+      for (int shift = 24; shift >= 0; shift -= 8) bytes.push_back(std::uint8_t(d >> shift));
+    }
+    bytes.insert(bytes.end(), payload.begin(), payload.end());
+    if (gz) {
+      gzFile f = gzopen(file.c_str(), "wb");
+      ASSERT_NE(f, nullptr);
+      ASSERT_EQ(gzwrite(f, bytes.data(), unsigned(bytes.size())), int(bytes.size()));
+      ASSERT_EQ(gzclose(f), Z_OK);
+    } else {
+      std::ofstream(file, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()),
+                                                  std::streamsize(bytes.size()));
+    }
+  }
+
+  fs::path dir_;
+};
+
+void expect_error(const std::function<void()>& fn, const std::string& fragment) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error; expected one containing '" << fragment << "'";
+  } catch (const Error& e) {
+    EXPECT_NE(e.message().find(fragment), std::string::npos)
+        << "'" << e.message() << "' lacks '" << fragment << "'";
+  }
+}
+
+TEST_F(DataTest, IdxGzipAndPlainReadAlikeWithPixelsScaled) {
+  std::vector<std::uint8_t> pixels(3 * 2 * 2);
+  for (std::size_t i = 0; i < pixels.size(); ++i) pixels[i] = std::uint8_t(i * 20);
+  pixels[5] = 255;
+  for (bool gz : {true, false}) {
+    const std::string images = path(gz ? "i.gz" : "i"), labels = path(gz ? "l.gz" : "l");
+    write_idx(images, {3, 2, 2}, pixels, gz);
+    write_idx(labels, {3}, {7, 0, 9}, gz);
+    const Dataset d = read_idx(images, labels);
+    EXPECT_EQ(d.rows, 3u);
+    EXPECT_EQ(d.cols, 4u);
+    EXPECT_FLOAT_EQ(d.features[1], 20.0f / 255.0f);
+    EXPECT_EQ(d.features[5], 1.0f);
+    EXPECT_EQ(d.labels, (std::vector<std::int32_t>{7, 0, 9}));
+  }
+}
+
+TEST_F(DataTest, IdxErrorsNameTheFile) {
+  write_idx(path("i"), {3, 2, 2}, std::vector<std::uint8_t>(12), false);
+  write_idx(path("l"), {2}, {1, 2}, false);
+  write_idx(path("short"), {3, 2, 2}, std::vector<std::uint8_t>(5), false);
+  expect_error([&] { read_idx(path("i"), path("l")); }, "has 3 images but");
+  expect_error([&] { read_idx(path("short"), path("l")); }, "truncated IDX data");
+  expect_error([&] { read_idx(path("l"), path("l")); }, "has 1 dimensions, expected 3");
+  expect_error([&] { read_idx(path("missing"), path("l")); }, "missing: cannot open");
+}
+
+TEST_F(DataTest, CsvWithHeaderAndLabelColumn) {
+  std::ofstream(path("d.csv")) << "a,label,b\n0.5,1,2\n-1e-3,0,4.25\n\n3,2,1\r\n";
+  const Dataset d = read_csv(path("d.csv"), 1);
+  EXPECT_EQ(d.rows, 3u);
+  EXPECT_EQ(d.cols, 2u);
+  EXPECT_EQ(d.labels, (std::vector<std::int32_t>{1, 0, 2}));
+  EXPECT_EQ(std::vector<float>(d.features.begin(), d.features.end()),
+            (std::vector<float>{0.5f, 2.f, -1e-3f, 4.25f, 3.f, 1.f}));
+  std::ofstream(path("bad.csv")) << "1,2\n3,x\n";
+  expect_error([&] { read_csv(path("bad.csv"), 0); }, "bad.csv:2: not a number");
+  std::ofstream(path("ragged.csv")) << "1,2,3\n3,4\n";
+  expect_error([&] { read_csv(path("ragged.csv"), 0); }, "ragged.csv:2: 2 columns, expected 3");
+  std::ofstream(path("frac.csv")) << "1.5,2\n";
+  expect_error([&] { read_csv(path("frac.csv"), 0); }, "label 1.5 is not a non-negative integer");
+  expect_error([&] { read_csv(path("d.csv"), 3); }, "--label-column 3 is out of range");
+  std::ofstream(path("nan.csv")) << "1,nan\n";
+  expect_error([&] { read_csv(path("nan.csv"), 0); }, "non-finite value");
+}
+
+TEST_F(DataTest, Hdf5RoundTripAndValidation) {
+  Dataset d;
+  d.rows = 4;
+  d.cols = 3;
+  for (int i = 0; i < 12; ++i) d.features.push_back(float(i) / 7);
+  d.labels = {0, 2, 1, 2};
+  write_dataset(path("d.h5"), d);
+  const Dataset r = read_dataset(path("d.h5"));
+  EXPECT_EQ(r.rows, 4u);
+  EXPECT_EQ(r.cols, 3u);
+  EXPECT_EQ(r.features, d.features);
+  EXPECT_EQ(r.labels, d.labels);
+  EXPECT_EQ(r.label_classes(), 3u);
+  check_fits(r, parse_model("3,3", "xent"), "d.h5");
+  expect_error([&] { check_fits(r, parse_model("3,2", "xent"), "d.h5"); },
+               "d.h5: label 2 at row 1 is outside [0, 2)");
+  expect_error([&] { check_fits(r, parse_model("4,3", "xent"), "d.h5"); },
+               "3 features per sample, but --layers starts with 4");
+
+  expect_error([&] { read_dataset(path("nope.h5")); }, "nope.h5: no such file");
+  std::ofstream(path("text.h5")) << "not hdf5";
+  expect_error([&] { read_dataset(path("text.h5")); }, "text.h5: not an HDF5 file");
+  d.features[4] = std::numeric_limits<float>::quiet_NaN();
+  write_dataset(path("nan.h5"), d);
+  expect_error([&] { read_dataset(path("nan.h5")); }, "non-finite value nan at row 1, column 1");
+}
+
+TEST(Sampler, EpochPermutationIsAPermutationFixedBySeedAndEpoch) {
+  std::vector<std::uint32_t> a, b, c, d;
+  epoch_permutation(1000, 42, 3, a);
+  epoch_permutation(1000, 42, 3, b);
+  epoch_permutation(1000, 42, 4, c);
+  epoch_permutation(1000, 43, 3, d);
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+  EXPECT_NE(a, d);
+  EXPECT_EQ(std::set<std::uint32_t>(a.begin(), a.end()).size(), 1000u);
+  EXPECT_EQ(*std::max_element(a.begin(), a.end()), 999u);
+}
+
+TEST(Sampler, ShardsTileEveryBatchContiguouslyAndEvenly) {
+  for (std::size_t rows = 0; rows <= 20; ++rows) {
+    for (int p = 1; p <= 7; ++p) {
+      std::size_t next = 0, smallest = rows, largest = 0;
+      for (int r = 0; r < p; ++r) {
+        const Range s = shard_range(rows, r, p);
+        EXPECT_EQ(s.begin, next);
+        next = s.end;
+        smallest = std::min(smallest, s.size());
+        largest = std::max(largest, s.size());
+      }
+      EXPECT_EQ(next, rows);
+      EXPECT_LE(largest - smallest, 1u);
+    }
+  }
+}
+
+TEST(Gather, OneHotForClassesLabelForOneOutputTargetsCopied) {
+  Dataset d;
+  d.rows = 3;
+  d.cols = 2;
+  d.features = {1, 2, 3, 4, 5, 6};
+  d.labels = {2, 0, 1};
+  std::vector<std::uint32_t> idx{2, 0};
+  float x[4], y[6];
+  gather(d, idx, 3, x, y);
+  EXPECT_EQ(std::vector<float>(x, x + 4), (std::vector<float>{5, 6, 1, 2}));
+  EXPECT_EQ(std::vector<float>(y, y + 6), (std::vector<float>{0, 1, 0, 0, 0, 1}));
+  gather(d, idx, 1, x, y);
+  EXPECT_EQ(std::vector<float>(y, y + 2), (std::vector<float>{1, 2}));
+  d.labels.clear();
+  d.target_cols = 2;
+  d.targets = {0.1f, 0.2f, 0.3f, 0.4f, 0.5f, 0.6f};
+  gather(d, idx, 2, x, y);
+  EXPECT_EQ(std::vector<float>(y, y + 4), (std::vector<float>{0.5f, 0.6f, 0.1f, 0.2f}));
+}
+
+}  // namespace
+}  // namespace shardprop

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# End to end: `mpirun -np 2 shardprop train` on generated blobs reaches >= 95% test accuracy,
+# writes one metrics line per epoch with the required keys, and bad input fails cleanly.
+# usage: e2e_train.sh SHARDPROP MAKE_BLOBS MPIEXEC [MPIEXEC FLAGS...]
+set -euo pipefail
+shardprop=$1 make_blobs=$2
+shift 2
+mpirun=("$@")
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+"$make_blobs" "$work/train.h5" "$work/test.h5"
+"${mpirun[@]}" -np 2 "$shardprop" train --train "$work/train.h5" --test "$work/test.h5" \
+  --layers 10,32:relu,16:tanh,4:softmax --batch 50 --epochs 8 --lr 0.05 --seed 3 \
+  --metrics "$work/run.jsonl" | tee "$work/out.txt"
+
+python3 - "$work/run.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert len(rows) == 8, f"expected 8 metrics lines, got {len(rows)}"
+keys = {"epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc",
+        "samples_per_s", "epoch_seconds", "ranks", "threads"}
+for r in rows:
+    missing = keys - r.keys()
+    assert not missing, f"missing keys {missing}"
+assert [r["epoch"] for r in rows] == list(range(1, 9))
+assert rows[-1]["step"] == 8 * 40, rows[-1]["step"]
+assert rows[-1]["ranks"] == 2
+assert rows[-1]["test_acc"] >= 0.95, f"test accuracy {rows[-1]['test_acc']} < 0.95"
+assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+print(f"final test accuracy {rows[-1]['test_acc']:.4f}")
+PY
+grep -q "shardprop train: 2 ranks" "$work/out.txt"
+
+# --max-steps stops early, mid-epoch.
+"${mpirun[@]}" -np 2 "$shardprop" train --train "$work/train.h5" --layers 10,8,4 --batch 64 \
+  --epochs 5 --max-steps 7 --metrics "$work/short.jsonl" > /dev/null
+python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; assert r[-1]['step']==7, r" \
+  "$work/short.jsonl"
+
+# Bad input: non-zero exit and one line naming the flag, file or value.
+expect_fail() {
+  local fragment=$1
+  shift
+  if timeout 60 "${mpirun[@]}" -np 2 "$shardprop" "$@" > "$work/err.txt" 2>&1; then
+    echo "FAIL: succeeded: $*"
+    exit 1
+  fi
+  if ! grep -qF -- "$fragment" "$work/err.txt"; then
+    echo "FAIL: '$fragment' not in the output of: $*"
+    cat "$work/err.txt"
+    exit 1
+  fi
+  echo "ok: $* -> $(grep -F -- "$fragment" "$work/err.txt" | head -1)"
+}
+expect_fail "missing.h5: no such file" train --train "$work/missing.h5" --layers 10,4
+expect_fail "10 features per sample, but --layers starts with 784" train --train "$work/train.h5"
+expect_fail "unknown activation 'gelu'" train --train "$work/train.h5" --layers 10,8:gelu,4
+expect_fail "--loss mse does not fit" train --train "$work/train.h5" --layers 10,4 --loss mse
+expect_fail "label 3 at row" train --train "$work/train.h5" --layers 10,3
+expect_fail "--batch" train --train "$work/train.h5" --layers 10,4 --batch 0
+expect_fail "--batch 1 is smaller than the number of ranks" train --train "$work/train.h5" --layers 10,4 --batch 1
+expect_fail "is larger than the training set" train --train "$work/train.h5" --layers 10,4 --batch 5000
+expect_fail "--lr" train --train "$work/train.h5" --layers 10,4 --lr -1
+expect_fail "--bogus" train --train "$work/train.h5" --bogus 1
+echo "e2e: all checks passed"

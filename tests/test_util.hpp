@@ -1,0 +1,67 @@
+// Shared helpers for the tests: random batches and targets, and tolerance checks.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <span>
+
+#include "shardprop/params.hpp"
+#include "shardprop/rng.hpp"
+#include "shardprop/spec.hpp"
+
+namespace shardprop::testing {
+
+// A (rows × cols) batch of values uniform in [-1, 1).
+template <class T>
+RowMatrix<T> random_matrix(std::size_t rows, std::size_t cols, std::uint64_t seed) {
+  Rng rng(seed);
+  RowMatrix<T> m(rows, cols);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = T(2 * rng.uniform() - 1);
+  return m;
+}
+
+// Targets that suit `loss`: one-hot rows (xent), 0/1 entries (bce), reals (mse).
+template <class T>
+RowMatrix<T> random_targets(Loss loss, std::size_t rows, std::size_t k, std::uint64_t seed) {
+  Rng rng(seed);
+  RowMatrix<T> y = RowMatrix<T>::Zero(rows, k);
+  for (std::size_t r = 0; r < rows; ++r) {
+    if (loss == Loss::xent) {
+      y(r, rng.below(k)) = 1;
+    } else {
+      for (std::size_t j = 0; j < k; ++j) {
+        y(r, j) = loss == Loss::bce ? T(rng.below(2)) : T(2 * rng.uniform() - 1);
+      }
+    }
+  }
+  return y;
+}
+
+template <class T>
+ConstMatrixView<T> view(const RowMatrix<T>& m) {
+  return ConstMatrixView<T>(m.data(), m.rows(), m.cols());
+}
+
+template <class T>
+ConstMatrixView<T> rows_of(const RowMatrix<T>& m, std::size_t begin, std::size_t end) {
+  return ConstMatrixView<T>(m.data() + begin * std::size_t(m.cols()), Eigen::Index(end - begin),
+                            m.cols());
+}
+
+// Largest |a_i − b_i| relative to the largest |b_i| of each layer's W and b separately.
+template <class T>
+double max_relative_error(const Layout& layout, std::span<const T> a, std::span<const T> b) {
+  double worst = 0;
+  for (std::size_t l = 0; l < layout.layer_count(); ++l) {
+    const auto wa = layout.weights(a, l), wb = layout.weights(b, l);
+    const auto ba = layout.bias(a, l), bb = layout.bias(b, l);
+    const double w_scale = std::max(double(wb.cwiseAbs().maxCoeff()), 1e-30);
+    const double b_scale = std::max(double(bb.cwiseAbs().maxCoeff()), 1e-30);
+    worst = std::max(worst, double((wa - wb).cwiseAbs().maxCoeff()) / w_scale);
+    worst = std::max(worst, double((ba - bb).cwiseAbs().maxCoeff()) / b_scale);
+  }
+  return worst;
+}
+
+}  // namespace shardprop::testing
