@@ -26,7 +26,7 @@ namespace {
 
 struct TrainArgs {
   std::string train_path, test_path, layers = "784,256:relu,128:relu,10:softmax", loss = "xent";
-  std::string optimizer = "sgd", metrics_path, progress = "auto";
+  std::string optimizer = "sgd", lr_schedule = "constant", metrics_path, progress = "auto";
   std::size_t batch = 256, epochs = 10, eval_batch = 1024;
   double lr = 0.05, momentum = 0.9, weight_decay = 0.0;
   int threads = 0;  // 0: cores on the node / ranks on the node
@@ -127,6 +127,7 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
   config.optimizer.lr = args.lr;
   config.optimizer.momentum = args.momentum;
   config.optimizer.weight_decay = args.weight_decay;
+  config.cosine_schedule = args.lr_schedule == "cosine";
 
   const int cores = std::max(1, int(std::thread::hardware_concurrency()));
   const int threads = args.threads > 0 ? args.threads : std::max(1, cores / comm.ranks_on_node());
@@ -163,7 +164,8 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
                 config.batch, config.batch / std::size_t(comm.size()),
                 (config.batch + std::size_t(comm.size()) - 1) / std::size_t(comm.size()),
                 trainer->batches_per_epoch(), config.epochs);
-    std::printf("  optimizer  %s lr %g", std::string(sp::to_string(opt.kind)).c_str(), opt.lr);
+    std::printf("  optimizer  %s lr %g%s", std::string(sp::to_string(opt.kind)).c_str(), opt.lr,
+                config.cosine_schedule ? " (cosine decay)" : "");
     if (opt.kind == sp::OptimizerKind::sgd) std::printf(" momentum %g", opt.momentum);
     if (opt.weight_decay > 0) std::printf(" weight_decay %g", opt.weight_decay);
     std::printf(", seed %llu\n", (unsigned long long)config.seed);
@@ -237,6 +239,8 @@ int main(int argc, char** argv) {
       ->check(number_above(0, true));
   train->add_option("--optimizer", t.optimizer, "sgd or adam")->capture_default_str();
   train->add_option("--lr", t.lr, "Learning rate")->check(number_above(0, false))->capture_default_str();
+  train->add_option("--lr-schedule", t.lr_schedule, "constant, or cosine decay to 0 over the run")
+      ->check(CLI::IsMember({"constant", "cosine"}))->capture_default_str();
   train->add_option("--momentum", t.momentum, "SGD momentum")
       ->check(CLI::Range(0.0, 0.999999))->capture_default_str();
   train->add_option("--weight-decay", t.weight_decay, "L2 weight decay")

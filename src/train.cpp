@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <numbers>
 #include <numeric>
 
 #include "shardprop/error.hpp"
@@ -88,6 +89,16 @@ std::size_t Trainer::batches_per_epoch() const {
   return (train_.rows + config_.batch - 1) / config_.batch;
 }
 
+double Trainer::learning_rate(std::uint64_t step) const {
+  const double base = config_.optimizer.lr;
+  if (!config_.cosine_schedule) return base;
+  std::uint64_t total = config_.epochs * batches_per_epoch();
+  if (config_.max_steps >= 0) total = std::min(total, std::uint64_t(config_.max_steps));
+  if (total == 0) return base;
+  const double progress = std::min(1.0, double(step) / double(total));
+  return base * 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
+}
+
 MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch) {
   const std::size_t k = spec_output();
   const Range shard = shard_range(global_batch.size(), comm_.rank(), comm_.size());
@@ -106,6 +117,7 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch) {
                ": non-finite gradient in layer ", l);
     }
   }
+  optimizer_.set_lr(learning_rate(state_.step));
   optimizer_.step(params_, std::span<const float>(grad_).first(params_.size()));
   state_.step = step;
   return stats;

@@ -39,7 +39,8 @@ struct TrainConfig {
   std::int64_t max_steps = -1;     // stop after this many steps in all (-1: no limit)
   std::uint64_t seed = 1;
   std::size_t eval_batch = 1024;   // rows per forward pass when evaluating
-  OptimizerConfig optimizer;
+  OptimizerConfig optimizer;       // optimizer.lr is the base learning rate
+  bool cosine_schedule = false;    // lr·½(1 + cos(π·step/total steps)) instead of constant lr
 };
 
 // Where training stands: enough, with the parameters and optimizer state, to continue.
@@ -86,6 +87,8 @@ class Trainer {
   EvalStats evaluate(const Dataset& data);
 
   std::size_t batches_per_epoch() const;
+  // The learning rate of optimizer step `step` (0-based) under the configured schedule.
+  double learning_rate(std::uint64_t step) const;
   const ModelSpec& spec() const { return mlp_.spec(); }
   const Layout& layout() const { return mlp_.layout(); }
   std::span<float> params() { return params_; }

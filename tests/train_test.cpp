@@ -1,0 +1,84 @@
+#include "shardprop/train.hpp"
+
+#include <gtest/gtest.h>
+
+#include <numbers>
+
+#include "test_util.hpp"
+
+namespace shardprop {
+namespace {
+
+Dataset tiny(std::size_t rows) {
+  Dataset d;
+  d.rows = rows;
+  d.cols = 3;
+  Rng rng(5);
+  for (std::size_t r = 0; r < rows; ++r) {
+    d.labels.push_back(std::int32_t(r % 2));
+    for (int c = 0; c < 3; ++c) d.features.push_back(float(rng.normal()) + float(r % 2));
+  }
+  return d;
+}
+
+class Counter final : public TrainObserver {
+ public:
+  void on_epoch(const EpochStats& s) override { epochs.push_back(s); }
+  std::vector<EpochStats> epochs;
+};
+
+TEST(Trainer, CosineScheduleFallsFromBaseToZero) {
+  const Dataset data = tiny(40);
+  TrainConfig config;
+  config.batch = 10;
+  config.epochs = 5;  // 20 steps
+  config.optimizer.lr = 0.2;
+  config.cosine_schedule = true;
+  LocalGroup one(1);
+  Trainer trainer(parse_model("3,4,2", "xent"), config, one.member(0), data);
+  EXPECT_DOUBLE_EQ(trainer.learning_rate(0), 0.2);
+  EXPECT_NEAR(trainer.learning_rate(10), 0.1, 1e-15);
+  EXPECT_NEAR(trainer.learning_rate(5), 0.1 * (1 + std::cos(std::numbers::pi / 4)), 1e-15);
+  EXPECT_NEAR(trainer.learning_rate(20), 0.0, 1e-15);
+  trainer.config().cosine_schedule = false;
+  EXPECT_DOUBLE_EQ(trainer.learning_rate(13), 0.2);
+}
+
+TEST(Trainer, EpochsShortLastBatchAndMaxSteps) {
+  const Dataset data = tiny(23);  // batches of 10, 10, 3
+  TrainConfig config;
+  config.batch = 10;
+  config.epochs = 2;
+  LocalGroup one(1);
+  Trainer trainer(parse_model("3,4,2", "xent"), config, one.member(0), data);
+  Counter seen;
+  trainer.run(&data, seen);
+  ASSERT_EQ(seen.epochs.size(), 2u);
+  EXPECT_EQ(seen.epochs[0].step, 3u);
+  EXPECT_EQ(seen.epochs[0].train.samples, 23u);  // no sample dropped or repeated
+  EXPECT_EQ(seen.epochs[1].step, 6u);
+  EXPECT_EQ(seen.epochs[1].test.samples, 23u);
+  EXPECT_EQ(trainer.state().epoch, 2u);
+  EXPECT_EQ(trainer.state().batch_in_epoch, 0u);
+
+  config.max_steps = 4;  // stops inside the second epoch
+  Trainer limited(parse_model("3,4,2", "xent"), config, one.member(0), data);
+  Counter partial;
+  limited.run(nullptr, partial);
+  EXPECT_EQ(limited.state().step, 4u);
+  EXPECT_EQ(limited.state().epoch, 1u);
+  EXPECT_EQ(limited.state().batch_in_epoch, 1u);
+  ASSERT_EQ(partial.epochs.size(), 2u);
+  EXPECT_EQ(partial.epochs[1].train.samples, 10u);
+}
+
+TEST(Trainer, RejectsBatchesThatCannotBeSharded) {
+  const Dataset data = tiny(8);
+  TrainConfig config;
+  config.batch = 9;  // more than the 8 samples
+  LocalGroup one(1);
+  EXPECT_THROW(Trainer(parse_model("3,2", "xent"), config, one.member(0), data), Error);
+}
+
+}  // namespace
+}  // namespace shardprop
