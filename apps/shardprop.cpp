@@ -15,6 +15,7 @@
 #include <optional>
 #include <thread>
 
+#include "shardprop/checkpoint.hpp"
 #include "shardprop/comm.hpp"
 #include "shardprop/data.hpp"
 #include "shardprop/error.hpp"
@@ -27,6 +28,7 @@ namespace {
 struct TrainArgs {
   std::string train_path, test_path, layers = "784,256:relu,128:relu,10:softmax", loss = "xent";
   std::string optimizer = "sgd", lr_schedule = "constant", metrics_path, progress = "auto";
+  std::string save_path;
   std::size_t batch = 256, epochs = 10, eval_batch = 1024;
   double lr = 0.05, momentum = 0.9, weight_decay = 0.0;
   int threads = 0;  // 0: cores on the node / ranks on the node
@@ -178,6 +180,38 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
                         (args.progress == "auto" && !under_mpirun && isatty(STDOUT_FILENO));
   Reporter reporter(speak, progress, config.epochs, comm.size(), effective_threads, args.metrics_path);
   trainer->run(args.test_path.empty() ? nullptr : &test, reporter);
+  if (!args.save_path.empty()) {
+    // Rank 0 writes; the others learn whether it worked before anyone reports success.
+    sp::collective_check(comm, [&] {
+      if (comm.rank() == 0) {
+        sp::save_model(args.save_path, spec, trainer->params(), trainer->state().step,
+                       trainer->state().epoch);
+      }
+    });
+    if (speak) std::printf("saved %s\n", args.save_path.c_str());
+  }
+  return 0;
+}
+
+struct EvalArgs {
+  std::string model_path, data_path;
+  std::size_t eval_batch = 1024;
+};
+
+int run_eval(const EvalArgs& args, sp::MpiComm& comm) {
+  sp::ModelFile model;
+  sp::Dataset data;
+  sp::collective_check(comm, [&] {
+    model = sp::load_model(args.model_path);
+    data = sp::read_dataset(args.data_path);
+    sp::check_fits(data, model.spec, args.data_path);
+  });
+  sp::Mlp<float> mlp(model.spec);
+  const sp::EvalStats e = sp::evaluate_dataset(mlp, comm, model.params, data, args.eval_batch);
+  if (comm.rank() == 0) {
+    std::printf("{\"loss\":%.9g,\"accuracy\":%.9g,\"samples\":%zu}\n", e.loss, e.accuracy,
+                e.samples);
+  }
   return 0;
 }
 
@@ -197,6 +231,14 @@ int run_convert(const ConvertArgs& args, const sp::MpiComm& comm) {
 
 int run_info(const std::string& path, const sp::MpiComm& comm) {
   if (comm.rank() != 0) return 0;
+  if (sp::is_model_file(path)) {
+    const sp::ModelFile m = sp::load_model(path);
+    std::printf("%s: model %s, loss %s, %s parameters, step %llu, epoch %llu\n", path.c_str(),
+                m.spec.layers_string().c_str(), std::string(sp::to_string(m.spec.loss)).c_str(),
+                thousands(m.spec.parameter_count()).c_str(), (unsigned long long)m.step,
+                (unsigned long long)m.epoch);
+    return 0;
+  }
   const sp::Dataset data = sp::read_dataset(path);
   std::printf("%s: data set, %zu samples x %zu features, ", path.c_str(), data.rows, data.cols);
   if (data.has_labels()) {
@@ -251,6 +293,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   train->add_option("--eval-batch", t.eval_batch, "Rows per forward pass when evaluating")
       ->check(number_above(0, false))->capture_default_str();
+  train->add_option("--save", t.save_path, "Write the trained model to this HDF5 file (rank 0)");
   train->add_option("--metrics", t.metrics_path, "Write one JSON object per epoch to this file");
   train->add_option("--progress", t.progress, "Progress bar within an epoch")
       ->check(CLI::IsMember({"auto", "always", "never"}))->capture_default_str();
@@ -264,8 +307,15 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   convert->add_option("--out", c.out, "HDF5 file to write")->required();
 
+  EvalArgs ev;
+  CLI::App* eval = app.add_subcommand("eval", "Loss and accuracy of a saved model on a data set");
+  eval->add_option("--checkpoint", ev.model_path, "Model file written by train --save")->required();
+  eval->add_option("--data", ev.data_path, "HDF5 data set")->required();
+  eval->add_option("--eval-batch", ev.eval_batch, "Rows per forward pass")
+      ->check(number_above(0, false))->capture_default_str();
+
   std::string info_path;
-  CLI::App* info = app.add_subcommand("info", "Describe a data set");
+  CLI::App* info = app.add_subcommand("info", "Describe a data set or a model file");
   info->add_option("file", info_path, "HDF5 file")->required();
 
   try {
@@ -289,6 +339,8 @@ int main(int argc, char** argv) {
     sp::MpiComm comm(MPI_COMM_WORLD);
     if (train->parsed()) {
       status = run_train(t, comm);
+    } else if (eval->parsed()) {
+      status = run_eval(ev, comm);
     } else if (convert->parsed()) {
       status = run_convert(c, comm);
     } else if (info->parsed()) {

@@ -62,10 +62,9 @@ Trainer::Trainer(ModelSpec spec, TrainConfig config, Communicator& comm, const D
   params_.assign(n, 0.0f);
   grad_.assign(n + kGradStats, 0.0f);
   const std::size_t shard_rows = (config_.batch + std::size_t(comm_.size()) - 1) / std::size_t(comm_.size());
-  const std::size_t rows = std::max(shard_rows, config_.eval_batch);
-  x_.resize(rows * train_.cols);
-  y_.resize(rows * spec_output());
-  mlp_.reserve(rows);
+  x_.resize(shard_rows * train_.cols);
+  y_.resize(shard_rows * spec_output());
+  mlp_.reserve(std::max(shard_rows, config_.eval_batch));
   if (comm_.rank() == 0) init_params<float>(mlp_.spec(), mlp_.layout(), config_.seed, params_);
   comm_.broadcast_values(std::span<float>(params_), 0);
 }
@@ -123,25 +122,32 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch) {
   return stats;
 }
 
-EvalStats Trainer::evaluate(const Dataset& data) {
-  const std::size_t k = spec_output();
-  const Range mine = shard_range(data.rows, comm_.rank(), comm_.size());
-  double sums[3] = {0, 0, double(mine.size())};
+EvalStats evaluate_dataset(Mlp<float>& mlp, Communicator& comm, std::span<const float> params,
+                           const Dataset& data, std::size_t eval_batch) {
+  const std::size_t k = mlp.spec().output_width();
+  const Range mine = shard_range(data.rows, comm.rank(), comm.size());
+  const std::size_t chunk = std::max<std::size_t>(1, std::min(eval_batch, mine.size()));
+  AlignedVector<float> x(chunk * data.cols), y(chunk * k);
   std::vector<std::uint32_t> indices;
-  for (std::size_t begin = mine.begin; begin < mine.end; begin += config_.eval_batch) {
-    const std::size_t end = std::min(mine.end, begin + config_.eval_batch);
+  double sums[3] = {0, 0, double(mine.size())};
+  for (std::size_t begin = mine.begin; begin < mine.end; begin += chunk) {
+    const std::size_t end = std::min(mine.end, begin + chunk);
     indices.resize(end - begin);
     std::iota(indices.begin(), indices.end(), std::uint32_t(begin));
-    gather(data, indices, k, x_.data(), y_.data());
+    gather(data, indices, k, x.data(), y.data());
     const auto rows = Eigen::Index(indices.size());
-    const LossSums s = mlp_.evaluate(
-        params_, ConstMatrixView<float>(x_.data(), rows, Eigen::Index(data.cols)),
-        ConstMatrixView<float>(y_.data(), rows, Eigen::Index(k)));
+    const LossSums s =
+        mlp.evaluate(params, ConstMatrixView<float>(x.data(), rows, Eigen::Index(data.cols)),
+                     ConstMatrixView<float>(y.data(), rows, Eigen::Index(k)));
     sums[0] += s.loss;
     sums[1] += s.correct;
   }
-  comm_.allreduce_sum(std::span<double>(sums));
+  comm.allreduce_sum(std::span<double>(sums));
   return {sums[0] / sums[2], sums[1] / sums[2], std::size_t(sums[2])};
+}
+
+EvalStats Trainer::evaluate(const Dataset& data) {
+  return evaluate_dataset(mlp_, comm_, params_, data, config_.eval_batch);
 }
 
 void Trainer::run(const Dataset* test, TrainObserver& observer) {

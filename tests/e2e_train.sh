@@ -12,7 +12,13 @@ trap 'rm -rf "$work"' EXIT
 "$make_blobs" "$work/train.h5" "$work/test.h5"
 "${mpirun[@]}" -np 2 "$shardprop" train --train "$work/train.h5" --test "$work/test.h5" \
   --layers 10,32:relu,16:tanh,4:softmax --batch 50 --epochs 8 --lr 0.05 --seed 3 \
-  --metrics "$work/run.jsonl" | tee "$work/out.txt"
+  --metrics "$work/run.jsonl" --save "$work/model.h5" | tee "$work/out.txt"
+
+# The saved model evaluates to the last epoch's test metrics, under mpirun and without it.
+"${mpirun[@]}" -np 3 "$shardprop" eval --checkpoint "$work/model.h5" --data "$work/test.h5" \
+  > "$work/eval3.json"
+"$shardprop" eval --checkpoint "$work/model.h5" --data "$work/test.h5" > "$work/eval1.json"
+"$shardprop" info "$work/model.h5" | grep -q "model 10,32:relu,16:tanh,4:softmax, loss xent"
 
 python3 - "$work/run.jsonl" <<'PY'
 import json, sys
@@ -29,6 +35,11 @@ assert rows[-1]["ranks"] == 2
 assert rows[-1]["test_acc"] >= 0.95, f"test accuracy {rows[-1]['test_acc']} < 0.95"
 assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 print(f"final test accuracy {rows[-1]['test_acc']:.4f}")
+for name in ("eval3.json", "eval1.json"):
+    e = json.load(open(sys.argv[1].replace("run.jsonl", name)))
+    assert e["samples"] == 500, e
+    assert e["accuracy"] == rows[-1]["test_acc"], (e, rows[-1])
+    assert abs(e["loss"] - rows[-1]["test_loss"]) <= 1e-6 * rows[-1]["test_loss"], (e, rows[-1])
 PY
 grep -q "shardprop train: 2 ranks" "$work/out.txt"
 
@@ -63,4 +74,5 @@ expect_fail "--batch 1 is smaller than the number of ranks" train --train "$work
 expect_fail "is larger than the training set" train --train "$work/train.h5" --layers 10,4 --batch 5000
 expect_fail "--lr" train --train "$work/train.h5" --layers 10,4 --lr -1
 expect_fail "--bogus" train --train "$work/train.h5" --bogus 1
+expect_fail "test.h5: missing attribute 'format'" eval --checkpoint "$work/test.h5" --data "$work/test.h5"
 echo "e2e: all checks passed"

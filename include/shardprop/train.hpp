@@ -113,6 +113,11 @@ class Trainer {
   std::uint64_t order_epoch_ = UINT64_MAX;
 };
 
+// Loss and accuracy of `params` over a whole data set, each rank evaluating its contiguous
+// slice in chunks of `eval_batch` rows; every rank gets the totals.
+EvalStats evaluate_dataset(Mlp<float>& mlp, Communicator& comm, std::span<const float> params,
+                           const Dataset& data, std::size_t eval_batch);
+
 // One JSON object (no newline) with the epoch's metrics.
 std::string metrics_json(const EpochStats& stats, int ranks, int threads);
 
