@@ -30,7 +30,7 @@ progress=never
   --metrics "$build/fashion-mnist.jsonl" --progress "$progress"
 
 echo "metrics: $build/fashion-mnist.jsonl"
-if python3 "$root/scripts/plot-metrics.py" "$build/fashion-mnist.jsonl" \
+if /usr/bin/python3 "$root/scripts/plot-metrics.py" "$build/fashion-mnist.jsonl" \
     --out "$build/fashion-mnist.png"; then
   echo "curves:  $build/fashion-mnist.png"
 fi

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Draws loss and accuracy curves from a shardprop --metrics JSON Lines file."""
 import argparse
 import json
@@ -31,12 +31,14 @@ def main():
         if any(v is not None for v in test):
             ax.plot(epochs, test, marker="s", label="test")
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
     last = rows[-1]
-    fig.suptitle(f"{last['ranks']} ranks x {last['threads']} threads, "
-                 f"{last['samples_per_s']:.0f} samples/s")
+    plural = lambda n, word: f"{n} {word}" + ("" if n == 1 else "s")
+    fig.suptitle(f"{plural(last['ranks'], 'rank')} x {plural(last['threads'], 'thread')} per rank, "
+                 f"{last['samples_per_s']:.0f} samples/s in the last epoch")
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     print(f"wrote {args.out}")

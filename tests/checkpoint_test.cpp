@@ -6,12 +6,14 @@
 #include <fstream>
 
 #include "shardprop/error.hpp"
+#include "test_util.hpp"
 #include "shardprop/h5.hpp"
 
 namespace shardprop {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::expect_error;
 
 class CheckpointTest : public ::testing::Test {
  protected:
@@ -25,15 +27,6 @@ class CheckpointTest : public ::testing::Test {
   ModelSpec spec_ = parse_model("5,7:tanh,3:softmax", "xent");
   fs::path dir_;
 };
-
-void expect_error(const std::function<void()>& fn, const std::string& fragment) {
-  try {
-    fn();
-    ADD_FAILURE() << "no error; expected '" << fragment << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(e.message().find(fragment), std::string::npos) << e.message();
-  }
-}
 
 TEST_F(CheckpointTest, RoundTripIsBitwise) {
   const Layout layout(spec_);

@@ -8,11 +8,13 @@
 #include <set>
 
 #include "shardprop/error.hpp"
+#include "test_util.hpp"
 
 namespace shardprop {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::expect_error;
 
 class DataTest : public ::testing::Test {
  protected:
@@ -46,16 +48,6 @@ class DataTest : public ::testing::Test {
 
   fs::path dir_;
 };
-
-void expect_error(const std::function<void()>& fn, const std::string& fragment) {
-  try {
-    fn();
-    ADD_FAILURE() << "no error; expected one containing '" << fragment << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(e.message().find(fragment), std::string::npos)
-        << "'" << e.message() << "' lacks '" << fragment << "'";
-  }
-}
 
 TEST_F(DataTest, IdxGzipAndPlainReadAlikeWithPixelsScaled) {
   std::vector<std::uint8_t> pixels(3 * 2 * 2);

@@ -52,23 +52,8 @@ void check_reduction(double tolerance) {
 TEST(Mpi, ReducedGradientEqualsFullBatchFloat) { check_reduction<float>(2e-6); }
 TEST(Mpi, ReducedGradientEqualsFullBatchDouble) { check_reduction<double>(1e-13); }
 
-Dataset blobs(std::size_t rows) {
-  Dataset d;
-  d.rows = rows;
-  d.cols = 6;
-  Rng rng(99);
-  for (std::size_t r = 0; r < rows; ++r) {
-    const int label = int(r % 3);
-    d.labels.push_back(label);
-    for (std::size_t c = 0; c < d.cols; ++c) {
-      d.features.push_back(float((c % 3 == std::size_t(label) ? 1.0 : 0.0) + 0.3 * rng.normal()));
-    }
-  }
-  return d;
-}
-
 TEST(Mpi, ParametersStayIdenticalOnAllRanksAndMatchOneRank) {
-  const Dataset data = blobs(101);
+  const Dataset data = testing::noisy_classes(101, 6, 3, 1.0);
   const ModelSpec spec = parse_model("6,16:relu,8:sigmoid,3:softmax", "xent");
   TrainConfig config;
   config.batch = 10;  // uneven over 3 ranks; the 11th batch of each epoch is short

@@ -4,8 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <span>
+#include <string>
 
+#include "shardprop/data.hpp"
+#include "shardprop/error.hpp"
 #include "shardprop/params.hpp"
 #include "shardprop/rng.hpp"
 #include "shardprop/spec.hpp"
@@ -62,6 +66,35 @@ double max_relative_error(const Layout& layout, std::span<const T> a, std::span<
     worst = std::max(worst, double((ba - bb).cwiseAbs().maxCoeff()) / b_scale);
   }
   return worst;
+}
+
+// Expects fn to throw shardprop::Error whose message contains `fragment`.
+inline void expect_error(const std::function<void()>& fn, const std::string& fragment) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error; expected one containing '" << fragment << "'";
+  } catch (const Error& e) {
+    EXPECT_NE(e.message().find(fragment), std::string::npos)
+        << "'" << e.message() << "' lacks '" << fragment << "'";
+  }
+}
+
+// A labelled data set of `rows` samples: class r % classes, whose features are 1 where
+// column % classes equals the class and 0 elsewhere, plus Gaussian noise of std 0.3·`noise`.
+inline Dataset noisy_classes(std::size_t rows, std::size_t cols, std::size_t classes,
+                             double noise) {
+  Dataset d;
+  d.rows = rows;
+  d.cols = cols;
+  Rng rng(99);
+  for (std::size_t r = 0; r < rows; ++r) {
+    const std::size_t label = r % classes;
+    d.labels.push_back(std::int32_t(label));
+    for (std::size_t c = 0; c < cols; ++c) {
+      d.features.push_back(float((c % classes == label ? 1.0 : 0.0) + 0.3 * noise * rng.normal()));
+    }
+  }
+  return d;
 }
 
 }  // namespace shardprop::testing

@@ -9,18 +9,6 @@
 namespace shardprop {
 namespace {
 
-Dataset tiny(std::size_t rows) {
-  Dataset d;
-  d.rows = rows;
-  d.cols = 3;
-  Rng rng(5);
-  for (std::size_t r = 0; r < rows; ++r) {
-    d.labels.push_back(std::int32_t(r % 2));
-    for (int c = 0; c < 3; ++c) d.features.push_back(float(rng.normal()) + float(r % 2));
-  }
-  return d;
-}
-
 class Counter final : public TrainObserver {
  public:
   void on_epoch(const EpochStats& s) override { epochs.push_back(s); }
@@ -28,7 +16,7 @@ class Counter final : public TrainObserver {
 };
 
 TEST(Trainer, CosineScheduleFallsFromBaseToZero) {
-  const Dataset data = tiny(40);
+  const Dataset data = testing::noisy_classes(40, 3, 2, 3.0);
   TrainConfig config;
   config.batch = 10;
   config.epochs = 5;  // 20 steps
@@ -45,7 +33,7 @@ TEST(Trainer, CosineScheduleFallsFromBaseToZero) {
 }
 
 TEST(Trainer, EpochsShortLastBatchAndMaxSteps) {
-  const Dataset data = tiny(23);  // batches of 10, 10, 3
+  const Dataset data = testing::noisy_classes(23, 3, 2, 3.0);  // batches of 10, 10, 3
   TrainConfig config;
   config.batch = 10;
   config.epochs = 2;
@@ -73,7 +61,7 @@ TEST(Trainer, EpochsShortLastBatchAndMaxSteps) {
 }
 
 TEST(Trainer, RejectsBatchesThatCannotBeSharded) {
-  const Dataset data = tiny(8);
+  const Dataset data = testing::noisy_classes(8, 3, 2, 3.0);
   TrainConfig config;
   config.batch = 9;  // more than the 8 samples
   LocalGroup one(1);
