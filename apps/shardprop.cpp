@@ -118,27 +118,23 @@ std::string thousands(std::size_t n) {
 }
 
 int run_train(const TrainArgs& args, sp::MpiComm& comm) {
-  const sp::ModelSpec spec = sp::parse_model(args.layers, args.loss);
+  // Start-up is checked collectively: a bad flag, file or value stops every rank, and only
+  // the lowest failing rank says why.
+  sp::ModelSpec spec;
   sp::TrainConfig config;
-  config.batch = args.batch;
-  config.epochs = args.epochs;
-  config.max_steps = args.max_steps;
-  config.seed = args.seed;
-  config.eval_batch = args.eval_batch;
-  config.optimizer.kind = sp::parse_optimizer(args.optimizer);
-  config.optimizer.lr = args.lr;
-  config.optimizer.momentum = args.momentum;
-  config.optimizer.weight_decay = args.weight_decay;
-  config.cosine_schedule = args.lr_schedule == "cosine";
-
-  const int cores = std::max(1, int(std::thread::hardware_concurrency()));
-  const int threads = args.threads > 0 ? args.threads : std::max(1, cores / comm.ranks_on_node());
-  oneapi::tbb::global_control limit(oneapi::tbb::global_control::max_allowed_parallelism,
-                                    std::size_t(threads));
-  const int effective_threads = std::min(threads, oneapi::tbb::info::default_concurrency());
-
   sp::Dataset train, test;
   sp::collective_check(comm, [&] {
+    spec = sp::parse_model(args.layers, args.loss);
+    config.batch = args.batch;
+    config.epochs = args.epochs;
+    config.max_steps = args.max_steps;
+    config.seed = args.seed;
+    config.eval_batch = args.eval_batch;
+    config.optimizer.kind = sp::parse_optimizer(args.optimizer);
+    config.optimizer.lr = args.lr;
+    config.optimizer.momentum = args.momentum;
+    config.optimizer.weight_decay = args.weight_decay;
+    config.cosine_schedule = args.lr_schedule == "cosine";
     train = sp::read_dataset(args.train_path);
     sp::check_fits(train, spec, args.train_path);
     if (!args.test_path.empty()) {
@@ -146,6 +142,13 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
       sp::check_fits(test, spec, args.test_path);
     }
   });
+
+  const int cores = std::max(1, int(std::thread::hardware_concurrency()));
+  const int threads = args.threads > 0 ? args.threads : std::max(1, cores / comm.ranks_on_node());
+  oneapi::tbb::global_control limit(oneapi::tbb::global_control::max_allowed_parallelism,
+                                    std::size_t(threads));
+  const int effective_threads = std::min(threads, oneapi::tbb::info::default_concurrency());
+
   std::optional<sp::Trainer> trainer;
   sp::collective_check(comm, [&] { trainer.emplace(spec, config, comm, train); });
 
@@ -178,8 +181,12 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
   const bool under_mpirun = std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr;
   const bool progress = args.progress == "always" ||
                         (args.progress == "auto" && !under_mpirun && isatty(STDOUT_FILENO));
-  Reporter reporter(speak, progress, config.epochs, comm.size(), effective_threads, args.metrics_path);
-  trainer->run(args.test_path.empty() ? nullptr : &test, reporter);
+  std::optional<Reporter> reporter;
+  sp::collective_check(comm, [&] {
+    reporter.emplace(speak, progress, config.epochs, comm.size(), effective_threads,
+                     args.metrics_path);
+  });
+  trainer->run(args.test_path.empty() ? nullptr : &test, *reporter);
   if (!args.save_path.empty()) {
     // Rank 0 writes; the others learn whether it worked before anyone reports success.
     sp::collective_check(comm, [&] {
@@ -347,8 +354,17 @@ int main(int argc, char** argv) {
       status = run_info(info_path, comm);
     }
     comm.free();
-  } catch (const sp::PeerFailure&) {
-    MPI_Abort(MPI_COMM_WORLD, 1);  // the failing rank prints the cause
+  } catch (const sp::CollectiveFailure& failure) {
+    // Every rank knows: the reporting rank prints first, then all ranks end together, so
+    // no abort can cut the message off.
+    if (failure.reports()) {
+      std::fflush(stdout);
+      std::fprintf(stderr, "shardprop: error: %s\n", failure.what());
+      std::fflush(stderr);
+    }
+    if (MPI_Barrier(MPI_COMM_WORLD) != MPI_SUCCESS) MPI_Abort(MPI_COMM_WORLD, 1);
+    MPI_Finalize();
+    return 1;
   } catch (const std::exception& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "shardprop: error: %s\n", e.what());

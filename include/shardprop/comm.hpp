@@ -34,21 +34,24 @@ class Communicator {
   }
 };
 
-// Runs `fn` on every rank. If it throws on any rank, the lowest failing rank rethrows its
-// error and the others throw PeerFailure, so exactly one rank reports the cause.
+// Runs `fn` on every rank. If it throws on any rank, every rank throws CollectiveFailure:
+// the lowest failing rank with its own error text, the others without, so exactly one rank
+// reports the cause.
 template <class Fn>
 void collective_check(Communicator& comm, Fn&& fn) {
-  std::exception_ptr error;
+  std::string error;
+  bool failed_here = false;
   try {
     fn();
-  } catch (...) {
-    error = std::current_exception();
+  } catch (const std::exception& e) {
+    failed_here = true;
+    error = e.what();
   }
-  const std::int64_t failed = comm.allreduce_max(error ? comm.size() - comm.rank() : 0);
+  const std::int64_t failed = comm.allreduce_max(failed_here ? comm.size() - comm.rank() : 0);
   if (failed == 0) return;
-  if (error && comm.size() - comm.rank() == failed) std::rethrow_exception(error);
-  throw PeerFailure("rank " + std::to_string(comm.size() - failed) + " failed", __FILE__,
-                    __LINE__);
+  const bool reports = failed_here && comm.size() - comm.rank() == failed;
+  throw CollectiveFailure(reports ? error : "rank " + std::to_string(comm.size() - failed) +
+                                                " failed", reports);
 }
 
 // Throws shardprop::Error naming `what` unless an MPI call returned MPI_SUCCESS.

@@ -22,11 +22,17 @@ class Error : public std::runtime_error {
   std::string message_;
 };
 
-// Thrown on ranks that did not fail themselves after a peer reported a failure in a
-// collectively checked section; the failing rank reports the real error.
-class PeerFailure : public Error {
+// A failure every rank knows about (see collective_check): on the lowest failing rank it
+// carries that rank's error text and reports() is true; on the others reports() is false.
+// Since no rank is left inside a collective, the job can end without MPI_Abort.
+class CollectiveFailure : public std::runtime_error {
  public:
-  using Error::Error;
+  CollectiveFailure(const std::string& what, bool reports)
+      : std::runtime_error(what), reports_(reports) {}
+  bool reports() const { return reports_; }
+
+ private:
+  bool reports_;
 };
 
 namespace detail {
