@@ -4,6 +4,7 @@
 
 #include "shardprop/error.hpp"
 #include "shardprop/params.hpp"
+#include "test_util.hpp"
 
 namespace shardprop {
 namespace {
@@ -27,13 +28,7 @@ TEST(Spec, ParsesWidthsActivationsAndDefaults) {
 }
 
 void expect_error(const char* layers, const char* loss, const char* fragment) {
-  try {
-    parse_model(layers, loss);
-    ADD_FAILURE() << "no error for --layers '" << layers << "' --loss " << loss;
-  } catch (const Error& e) {
-    EXPECT_NE(e.message().find(fragment), std::string::npos)
-        << "message '" << e.message() << "' lacks '" << fragment << "'";
-  }
+  testing::expect_error([&] { parse_model(layers, loss); }, fragment);
 }
 
 TEST(Spec, RejectsMalformedLayersNamingTheValue) {
