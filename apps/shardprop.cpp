@@ -7,12 +7,16 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <memory>
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/info.h>
 #include <optional>
+#include <set>
+#include <sstream>
 #include <thread>
 
 #include "shardprop/checkpoint.hpp"
@@ -28,12 +32,16 @@ namespace {
 struct TrainArgs {
   std::string train_path, test_path, layers = "784,256:relu,128:relu,10:softmax", loss = "xent";
   std::string optimizer = "sgd", lr_schedule = "constant", metrics_path, progress = "auto";
-  std::string save_path;
+  std::string save_path, checkpoint_dir, resume;
   std::size_t batch = 256, epochs = 10, eval_batch = 1024;
+  std::size_t checkpoint_every_steps = 0, checkpoint_every_epochs = 0, keep_checkpoints = 3;
   double lr = 0.05, momentum = 0.9, weight_decay = 0.0;
   int threads = 0;  // 0: cores on the node / ranks on the node
-  std::int64_t max_steps = -1;
+  std::int64_t max_steps = -1, stop_at_step = -1;
   std::uint64_t seed = 1;
+  std::set<std::string> given;  // the flags named on the command line
+
+  bool has(const std::string& flag) const { return given.count(flag) > 0; }
 };
 
 struct ConvertArgs {
@@ -70,9 +78,19 @@ class Reporter final : public sp::TrainObserver {
     std::fflush(stdout);
   }
 
+  // Called after every step on every rank; `hook` decides whether to write a checkpoint.
+  void set_state_hook(std::function<void(const sp::Trainer&, bool)> hook) { hook_ = std::move(hook); }
+  void on_state(const sp::Trainer& trainer, bool epoch_ended) override {
+    if (hook_) hook_(trainer, epoch_ended);
+  }
+  // Clears the progress bar's line before other output.
+  void clear_line() const {
+    if (progress_) std::printf("\r\033[K");
+  }
+
   void on_epoch(const sp::EpochStats& s) override {
     if (!speak_) return;
-    if (progress_) std::printf("\r\033[K");
+    clear_line();
     std::printf("epoch %3llu/%zu  step %7llu  train_loss %.4f  train_acc %.4f", (unsigned long long)s.epoch,
                 epochs_, (unsigned long long)s.step, s.train.loss, s.train.accuracy);
     if (s.has_test) std::printf("  test_loss %.4f  test_acc %.4f", s.test.loss, s.test.accuracy);
@@ -92,6 +110,7 @@ class Reporter final : public sp::TrainObserver {
   std::ofstream metrics_;
   std::string metrics_path_;
   std::chrono::steady_clock::time_point last_{};
+  std::function<void(const sp::Trainer&, bool)> hook_;
 };
 
 // A flag value that must be > 0 (or >= 0); the message names the value given.
@@ -117,17 +136,78 @@ std::string thousands(std::size_t n) {
   return s;
 }
 
+std::string format_value(double v) {
+  std::ostringstream out;
+  out << v;
+  return out.str();
+}
+
+// Merges a checkpoint into the flags: the run continues with the checkpoint's model and
+// configuration, a flag that would change the sample order, the model or the optimizer's
+// state is an error naming both values, and the flags that may change are applied and
+// listed in `changes`.
+void apply_checkpoint(const TrainArgs& args, const std::string& path, const sp::Checkpoint& c,
+                      sp::ModelSpec& spec, sp::TrainConfig& config,
+                      std::vector<std::string>& changes) {
+  const auto fixed = [&](const char* flag, const std::string& mine, const std::string& theirs) {
+    SP_CHECK(!args.has(flag) || mine == theirs, flag, " ", mine, " contradicts the checkpoint's ",
+             theirs, " (", path, "); it cannot change when resuming");
+  };
+  const std::string loss(sp::to_string(c.spec.loss));
+  std::string layers = args.layers;
+  try {  // compare normalized specs, so 784,256,10 equals 784,256:relu,10:softmax
+    layers = sp::parse_model(args.layers, loss).layers_string();
+  } catch (const sp::Error&) {
+  }
+  fixed("--layers", layers, c.spec.layers_string());
+  fixed("--loss", args.loss, loss);
+  fixed("--batch", std::to_string(args.batch), std::to_string(c.config.batch));
+  fixed("--seed", std::to_string(args.seed), std::to_string(c.config.seed));
+  fixed("--optimizer", args.optimizer, std::string(sp::to_string(c.config.optimizer.kind)));
+  spec = c.spec;
+  const sp::TrainConfig requested = config;
+  config = c.config;
+  config.stop_at_step = requested.stop_at_step;
+  const auto allow = [&](const char* flag, auto& field, auto value, auto theirs) {
+    if (!args.has(flag) || value == theirs) return;
+    field = value;
+    changes.push_back(std::string(flag) + " " + format_value(double(value)) +
+                      " (checkpoint: " + format_value(double(theirs)) + ")");
+  };
+  allow("--epochs", config.epochs, requested.epochs, c.config.epochs);
+  allow("--max-steps", config.max_steps, requested.max_steps, c.config.max_steps);
+  allow("--eval-batch", config.eval_batch, requested.eval_batch, c.config.eval_batch);
+  allow("--lr", config.optimizer.lr, requested.optimizer.lr, c.config.optimizer.lr);
+  allow("--momentum", config.optimizer.momentum, requested.optimizer.momentum,
+        c.config.optimizer.momentum);
+  allow("--weight-decay", config.optimizer.weight_decay, requested.optimizer.weight_decay,
+        c.config.optimizer.weight_decay);
+  if (args.has("--lr-schedule") && requested.cosine_schedule != c.config.cosine_schedule) {
+    config.cosine_schedule = requested.cosine_schedule;
+    changes.push_back("--lr-schedule " + args.lr_schedule + " (checkpoint: " +
+                      (c.config.cosine_schedule ? "cosine" : "constant") + ")");
+  }
+}
+
 int run_train(const TrainArgs& args, sp::MpiComm& comm) {
+  const bool speak = comm.rank() == 0;
   // Start-up is checked collectively: a bad flag, file or value stops every rank, and only
   // the lowest failing rank says why.
   sp::ModelSpec spec;
   sp::TrainConfig config;
-  sp::Dataset train, test;
   sp::collective_check(comm, [&] {
+    SP_CHECK(!args.checkpoint_dir.empty() ||
+                 !(args.has("--checkpoint-every-steps") || args.has("--checkpoint-every-epochs") ||
+                   args.has("--keep-checkpoints")),
+             "--checkpoint-every-steps, --checkpoint-every-epochs and --keep-checkpoints need "
+             "--checkpoint-dir");
+    SP_CHECK(args.resume != "auto" || !args.checkpoint_dir.empty(),
+             "--resume auto needs --checkpoint-dir");
     spec = sp::parse_model(args.layers, args.loss);
     config.batch = args.batch;
     config.epochs = args.epochs;
     config.max_steps = args.max_steps;
+    config.stop_at_step = args.stop_at_step;
     config.seed = args.seed;
     config.eval_batch = args.eval_batch;
     config.optimizer.kind = sp::parse_optimizer(args.optimizer);
@@ -135,8 +215,51 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
     config.optimizer.momentum = args.momentum;
     config.optimizer.weight_decay = args.weight_decay;
     config.cosine_schedule = args.lr_schedule == "cosine";
+  });
+
+  // Rank 0 finds, reads and verifies the checkpoint and sends it to every rank.
+  std::string resume_path;
+  std::optional<sp::CheckpointDir> checkpoints;
+  sp::Checkpoint resumed;
+  bool resuming = !args.resume.empty();
+  sp::collective_check(comm, [&] {
+    if (!speak) return;
+    if (!args.checkpoint_dir.empty()) checkpoints.emplace(args.checkpoint_dir, args.keep_checkpoints);
+    if (args.resume == "auto") {
+      resuming = !sp::list_checkpoints(args.checkpoint_dir).empty();
+      if (!resuming) std::printf("no checkpoint in %s yet: starting a new run\n", args.checkpoint_dir.c_str());
+    }
+    if (!resuming) return;
+    sp::ResumePoint point = sp::find_resume_point(args.resume == "auto" ? args.checkpoint_dir : args.resume);
+    for (const std::string& why : point.skipped) {
+      std::fprintf(stderr, "shardprop: warning: skipping a checkpoint that does not verify: %s\n",
+                   why.c_str());
+    }
+    resume_path = point.path;
+    resumed = std::move(point.checkpoint);
+  });
+  std::int64_t flag = resuming ? 1 : 0;
+  comm.broadcast_values(std::span<std::int64_t>(&flag, 1), 0);
+  resuming = flag != 0;
+  std::vector<std::string> changes;
+  if (resuming) {
+    sp::broadcast_checkpoint(comm, resumed, 0);
+    sp::collective_check(comm, [&] {
+      apply_checkpoint(args, resume_path.empty() ? args.resume : resume_path, resumed, spec,
+                       config, changes);
+    });
+  }
+
+  sp::Dataset train, test;
+  sp::collective_check(comm, [&] {
     train = sp::read_dataset(args.train_path);
     sp::check_fits(train, spec, args.train_path);
+    if (resuming) {
+      SP_CHECK(train.rows == resumed.train_rows && train.cols == resumed.train_cols,
+               args.train_path, ": ", train.rows, " x ", train.cols,
+               " samples, but the checkpoint was trained on ", resumed.train_rows, " x ",
+               resumed.train_cols);
+    }
     if (!args.test_path.empty()) {
       test = sp::read_dataset(args.test_path);
       sp::check_fits(test, spec, args.test_path);
@@ -150,9 +273,11 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
   const int effective_threads = std::min(threads, oneapi::tbb::info::default_concurrency());
 
   std::optional<sp::Trainer> trainer;
-  sp::collective_check(comm, [&] { trainer.emplace(spec, config, comm, train); });
+  sp::collective_check(comm, [&] {
+    trainer.emplace(spec, config, comm, train);
+    if (resuming) sp::restore_checkpoint(*trainer, resumed);
+  });
 
-  const bool speak = comm.rank() == 0;
   if (speak) {
     const sp::OptimizerConfig& opt = config.optimizer;
     std::printf("shardprop train: %d rank%s x %d thread%s per rank\n", comm.size(),
@@ -174,6 +299,21 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
     if (opt.kind == sp::OptimizerKind::sgd) std::printf(" momentum %g", opt.momentum);
     if (opt.weight_decay > 0) std::printf(" weight_decay %g", opt.weight_decay);
     std::printf(", seed %llu\n", (unsigned long long)config.seed);
+    if (resuming) {
+      const sp::TrainState& st = resumed.state;
+      std::printf("  resume     %s: step %llu, epoch %llu, batch %llu of %zu; written by %lld rank%s x %lld thread%s\n",
+                  resume_path.c_str(), (unsigned long long)st.step, (unsigned long long)st.epoch + 1,
+                  (unsigned long long)st.batch_in_epoch, trainer->batches_per_epoch(),
+                  (long long)resumed.world_size, resumed.world_size == 1 ? "" : "s",
+                  (long long)resumed.threads, resumed.threads == 1 ? "" : "s");
+      for (const std::string& change : changes) std::printf("  changed    %s\n", change.c_str());
+    }
+    if (checkpoints) {
+      std::printf("  checkpoint %s", checkpoints->path().c_str());
+      if (args.checkpoint_every_steps > 0) std::printf(", every %zu steps", args.checkpoint_every_steps);
+      if (args.checkpoint_every_epochs > 0) std::printf(", every %zu epochs", args.checkpoint_every_epochs);
+      std::printf(", at the end; keeping %zu\n", args.keep_checkpoints);
+    }
     std::fflush(stdout);
   }
   // Open MPI hands its ranks a pseudo-terminal even when mpirun's own output is a file, so
@@ -186,13 +326,55 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
     reporter.emplace(speak, progress, config.epochs, comm.size(), effective_threads,
                      args.metrics_path);
   });
-  trainer->run(args.test_path.empty() ? nullptr : &test, *reporter);
-  if (!args.save_path.empty()) {
-    // Rank 0 writes; the others learn whether it worked before anyone reports success.
+
+  // Rank 0 writes; every rank learns whether it worked before anyone goes on.
+  const bool checkpointing = !args.checkpoint_dir.empty();
+  std::int64_t saved_step = -1;
+  if (resuming && checkpointing) {
+    std::error_code ec;
+    if (std::filesystem::equivalent(std::filesystem::path(resume_path).parent_path(),
+                                    args.checkpoint_dir, ec)) {
+      saved_step = std::int64_t(resumed.state.step);
+    }
+    std::int64_t shared = saved_step;
+    comm.broadcast_values(std::span<std::int64_t>(&shared, 1), 0);
+    saved_step = shared;
+  }
+  const auto save_checkpoint = [&](const sp::Trainer& tr) {
+    std::string written;
     sp::collective_check(comm, [&] {
-      if (comm.rank() == 0) {
-        sp::save_model(args.save_path, spec, trainer->params(), trainer->state().step,
-                       trainer->state().epoch);
+      if (speak) written = checkpoints->write(sp::make_checkpoint(tr, comm.size(), effective_threads));
+    });
+    saved_step = std::int64_t(tr.state().step);
+    if (speak) {
+      reporter->clear_line();
+      std::printf("checkpoint %s\n", written.c_str());
+      std::fflush(stdout);
+    }
+  };
+  if (checkpointing) {
+    reporter->set_state_hook([&](const sp::Trainer& tr, bool epoch_ended) {
+      const sp::TrainState& st = tr.state();
+      const bool due =
+          (args.checkpoint_every_steps > 0 && st.step % args.checkpoint_every_steps == 0) ||
+          (epoch_ended && args.checkpoint_every_epochs > 0 &&
+           st.epoch % args.checkpoint_every_epochs == 0);
+      if (due) save_checkpoint(tr);
+    });
+  }
+
+  if (speak && !trainer->steps_left()) {
+    std::printf("nothing to train: step %llu, epoch %llu of %zu\n",
+                (unsigned long long)trainer->state().step,
+                (unsigned long long)trainer->state().epoch, config.epochs);
+  }
+  trainer->run(args.test_path.empty() ? nullptr : &test, *reporter);
+  if (checkpointing && saved_step != std::int64_t(trainer->state().step)) save_checkpoint(*trainer);
+  if (!args.save_path.empty()) {
+    sp::collective_check(comm, [&] {
+      if (speak) {
+        sp::save_checkpoint(args.save_path,
+                            sp::make_checkpoint(*trainer, comm.size(), effective_threads));
       }
     });
     if (speak) std::printf("saved %s\n", args.save_path.c_str());
@@ -201,15 +383,24 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
 }
 
 struct EvalArgs {
-  std::string model_path, data_path;
+  std::string model_path, data_path, out_path;
   std::size_t eval_batch = 1024;
 };
 
+// Rank 0 reads and verifies the checkpoint; every rank gets it.
+sp::Checkpoint load_shared(sp::MpiComm& comm, const std::string& path) {
+  sp::Checkpoint c;
+  sp::collective_check(comm, [&] {
+    if (comm.rank() == 0) c = sp::load_checkpoint(path);
+  });
+  sp::broadcast_checkpoint(comm, c, 0);
+  return c;
+}
+
 int run_eval(const EvalArgs& args, sp::MpiComm& comm) {
-  sp::ModelFile model;
+  const sp::Checkpoint model = load_shared(comm, args.model_path);
   sp::Dataset data;
   sp::collective_check(comm, [&] {
-    model = sp::load_model(args.model_path);
     data = sp::read_dataset(args.data_path);
     sp::check_fits(data, model.spec, args.data_path);
   });
@@ -219,6 +410,46 @@ int run_eval(const EvalArgs& args, sp::MpiComm& comm) {
     std::printf("{\"loss\":%.9g,\"accuracy\":%.9g,\"samples\":%zu}\n", e.loss, e.accuracy,
                 e.samples);
   }
+  return 0;
+}
+
+// Predicted classes and outputs for every sample; rank 0 does the work.
+int run_predict(const EvalArgs& args, sp::MpiComm& comm) {
+  sp::collective_check(comm, [&] {
+    if (comm.rank() != 0) return;
+    SP_CHECK(args.out_path.ends_with(".h5") || args.out_path.ends_with(".hdf5") ||
+                 args.out_path.ends_with(".csv"),
+             "--out ", args.out_path, ": name a .h5 or .csv file");
+    const sp::Checkpoint model = sp::load_checkpoint(args.model_path);
+    const sp::Dataset data = sp::read_dataset(args.data_path, false);
+    sp::check_fits(data, model.spec, args.data_path);
+    const std::size_t k = model.spec.output_width();
+    sp::Mlp<float> mlp(model.spec);
+    const std::size_t chunk = std::min(args.eval_batch, data.rows);
+    mlp.reserve(chunk);
+    std::vector<std::int32_t> predictions(data.rows);
+    sp::AlignedVector<float> outputs(data.rows * k);
+    for (std::size_t begin = 0; begin < data.rows; begin += chunk) {
+      const auto rows = Eigen::Index(std::min(chunk, data.rows - begin));
+      const auto y = mlp.predict(model.params, sp::ConstMatrixView<float>(
+                                                   data.features.data() + begin * data.cols,
+                                                   rows, Eigen::Index(data.cols)));
+      for (Eigen::Index r = 0; r < rows; ++r) {
+        const std::size_t i = begin + std::size_t(r);
+        Eigen::Index best = 0;
+        if (k == 1) {
+          best = y(r, 0) >= 0.5f ? 1 : 0;
+        } else {
+          y.row(r).maxCoeff(&best);
+        }
+        predictions[i] = std::int32_t(best);
+        std::copy_n(y.data() + r * y.cols(), k, outputs.data() + i * k);
+      }
+    }
+    sp::write_predictions(args.out_path, predictions, outputs, k);
+    std::printf("%s: %zu predictions from %s (step %llu)\n", args.out_path.c_str(), data.rows,
+                args.model_path.c_str(), (unsigned long long)model.state.step);
+  });
   return 0;
 }
 
@@ -238,22 +469,56 @@ int run_convert(const ConvertArgs& args, const sp::MpiComm& comm) {
 
 int run_info(const std::string& path, const sp::MpiComm& comm) {
   if (comm.rank() != 0) return 0;
-  if (sp::is_model_file(path)) {
-    const sp::ModelFile m = sp::load_model(path);
-    std::printf("%s: model %s, loss %s, %s parameters, step %llu, epoch %llu\n", path.c_str(),
-                m.spec.layers_string().c_str(), std::string(sp::to_string(m.spec.loss)).c_str(),
-                thousands(m.spec.parameter_count()).c_str(), (unsigned long long)m.step,
-                (unsigned long long)m.epoch);
+  if (!sp::is_checkpoint_file(path)) {
+    const sp::Dataset data = sp::read_dataset(path, false);
+    std::printf("%s: data set, %zu samples x %zu features, ", path.c_str(), data.rows, data.cols);
+    if (data.has_labels()) {
+      std::printf("labels 0..%zu (%zu classes)\n", data.label_classes() - 1, data.label_classes());
+    } else if (data.target_cols > 0) {
+      std::printf("targets with %zu columns\n", data.target_cols);
+    } else {
+      std::printf("no labels or targets\n");
+    }
     return 0;
   }
-  const sp::Dataset data = sp::read_dataset(path);
-  std::printf("%s: data set, %zu samples x %zu features, ", path.c_str(), data.rows, data.cols);
-  if (data.has_labels()) {
-    std::printf("labels 0..%zu (%zu classes)\n", data.label_classes() - 1, data.label_classes());
-  } else {
-    std::printf("targets with %zu columns\n", data.target_cols);
+  const sp::Checkpoint c = sp::load_checkpoint(path, false);
+  std::error_code ec;
+  const auto bytes = std::filesystem::file_size(path, ec);
+  std::printf("%s: shardprop checkpoint, format_version %lld, %.1f MB\n", path.c_str(),
+              (long long)c.format_version, ec ? 0.0 : double(bytes) / 1e6);
+  std::printf("  model      %s, loss %s, %s parameters\n", c.spec.layers_string().c_str(),
+              std::string(sp::to_string(c.spec.loss)).c_str(),
+              thousands(c.spec.parameter_count()).c_str());
+  if (!c.has_training_state) {
+    std::printf("  step       %llu, epoch %llu (model only: no training state)\n",
+                (unsigned long long)c.state.step, (unsigned long long)c.state.epoch);
+    return 0;
   }
-  return 0;
+  const sp::TrainConfig& t = c.config;
+  const sp::OptimizerConfig& o = t.optimizer;
+  const std::size_t batches = (c.train_rows + t.batch - 1) / t.batch;
+  std::printf("  position   step %llu: epoch %llu of %zu, next batch %llu of %zu\n",
+              (unsigned long long)c.state.step, (unsigned long long)c.state.epoch + 1, t.epochs,
+              (unsigned long long)c.state.batch_in_epoch, batches);
+  std::printf("  optimizer  %s lr %g%s", std::string(sp::to_string(o.kind)).c_str(), o.lr,
+              t.cosine_schedule ? " (cosine decay)" : "");
+  if (o.kind == sp::OptimizerKind::sgd) std::printf(" momentum %g", o.momentum);
+  if (o.kind == sp::OptimizerKind::adam) std::printf(" beta1 %g beta2 %g eps %g", o.beta1, o.beta2, o.eps);
+  std::printf(" weight_decay %g, %llu steps of state\n", o.weight_decay,
+              (unsigned long long)c.optimizer_steps);
+  std::printf("  training   batch %zu, seed %llu, max steps %s, on %s x %llu samples\n", t.batch,
+              (unsigned long long)t.seed,
+              t.max_steps < 0 ? "none" : std::to_string(t.max_steps).c_str(),
+              thousands(c.train_rows).c_str(), (unsigned long long)c.train_cols);
+  std::printf("  written by %lld rank%s x %lld thread%s\n", (long long)c.world_size,
+              c.world_size == 1 ? "" : "s", (long long)c.threads, c.threads == 1 ? "" : "s");
+  const std::uint32_t computed = sp::checkpoint_checksum(c);
+  if (computed == c.checksum) {
+    std::printf("  checksum   crc32 %08x, verified\n", computed);
+    return 0;
+  }
+  std::printf("  checksum   crc32 MISMATCH: file says %08x, contents give %08x\n", c.checksum, computed);
+  return 1;
 }
 
 }  // namespace
@@ -300,7 +565,25 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   train->add_option("--eval-batch", t.eval_batch, "Rows per forward pass when evaluating")
       ->check(number_above(0, false))->capture_default_str();
-  train->add_option("--save", t.save_path, "Write the trained model to this HDF5 file (rank 0)");
+  train->add_option("--save", t.save_path, "Write the final checkpoint to this HDF5 file (rank 0)");
+  train->add_option("--checkpoint-dir", t.checkpoint_dir,
+                    "Rank 0 writes checkpoints here (ckpt-<step>.h5 and 'latest'), always at the end");
+  train->add_option("--checkpoint-every-steps", t.checkpoint_every_steps,
+                    "Also write a checkpoint every N optimizer steps")
+      ->check(number_above(0, false));
+  train->add_option("--checkpoint-every-epochs", t.checkpoint_every_epochs,
+                    "Also write a checkpoint every N epochs")
+      ->check(number_above(0, false));
+  train->add_option("--keep-checkpoints", t.keep_checkpoints,
+                    "Keep the newest K checkpoints in --checkpoint-dir")
+      ->check(number_above(0, false))->capture_default_str();
+  train->add_option("--resume", t.resume,
+                    "Continue from a checkpoint file, the newest valid one of a directory, or "
+                    "'auto' (--checkpoint-dir's, if it has one)");
+  train->add_option("--stop-at-step", t.stop_at_step,
+                    "End this invocation at this global step (with a checkpoint); the run's "
+                    "schedule is unchanged, so --resume continues it exactly")
+      ->check(number_above(0, true));
   train->add_option("--metrics", t.metrics_path, "Write one JSON object per epoch to this file");
   train->add_option("--progress", t.progress, "Progress bar within an epoch")
       ->check(CLI::IsMember({"auto", "always", "never"}))->capture_default_str();
@@ -316,14 +599,22 @@ int main(int argc, char** argv) {
 
   EvalArgs ev;
   CLI::App* eval = app.add_subcommand("eval", "Loss and accuracy of a saved model on a data set");
-  eval->add_option("--checkpoint", ev.model_path, "Model file written by train --save")->required();
+  eval->add_option("--checkpoint", ev.model_path, "Checkpoint or model file")->required();
   eval->add_option("--data", ev.data_path, "HDF5 data set")->required();
   eval->add_option("--eval-batch", ev.eval_batch, "Rows per forward pass")
       ->check(number_above(0, false))->capture_default_str();
 
+  EvalArgs pr;
+  CLI::App* predict = app.add_subcommand("predict", "Predicted class and outputs of every sample");
+  predict->add_option("--checkpoint", pr.model_path, "Checkpoint or model file")->required();
+  predict->add_option("--data", pr.data_path, "HDF5 data set (labels not needed)")->required();
+  predict->add_option("--out", pr.out_path, "Output: .h5 (predictions, outputs) or .csv")->required();
+  predict->add_option("--eval-batch", pr.eval_batch, "Rows per forward pass")
+      ->check(number_above(0, false))->capture_default_str();
+
   std::string info_path;
-  CLI::App* info = app.add_subcommand("info", "Describe a data set or a model file");
-  info->add_option("file", info_path, "HDF5 file")->required();
+  CLI::App* info = app.add_subcommand("info", "Describe a data set or a checkpoint (and verify it)");
+  info->add_option("file", info_path, "HDF5 data set, checkpoint or model file")->required();
 
   try {
     app.parse(argc, argv);
@@ -341,6 +632,10 @@ int main(int argc, char** argv) {
     return usage_error ? 2 : 0;
   }
 
+  for (const CLI::Option* option : train->get_options()) {
+    if (option->count() > 0) t.given.insert(option->get_name());
+  }
+
   int status = 0;
   try {
     sp::MpiComm comm(MPI_COMM_WORLD);
@@ -348,6 +643,8 @@ int main(int argc, char** argv) {
       status = run_train(t, comm);
     } else if (eval->parsed()) {
       status = run_eval(ev, comm);
+    } else if (predict->parsed()) {
+      status = run_predict(pr, comm);
     } else if (convert->parsed()) {
       status = run_convert(c, comm);
     } else if (info->parsed()) {

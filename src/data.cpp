@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <fstream>
 #include <memory>
 #include <numeric>
@@ -31,7 +32,7 @@ void check_finite(const AlignedVector<float>& values, std::size_t cols, const st
 
 }  // namespace
 
-Dataset read_dataset(const std::string& path) {
+Dataset read_dataset(const std::string& path, bool need_targets) {
   h5::Handle file = h5::open_file(path);
   Dataset data;
   {
@@ -51,7 +52,9 @@ Dataset read_dataset(const std::string& path) {
   }
   const bool has_labels = h5::has_link(file.get(), "labels");
   const bool has_targets = h5::has_link(file.get(), "targets");
-  SP_CHECK(has_labels || has_targets, path, ": no dataset 'labels' (or 'targets')");
+  SP_CHECK(has_labels || has_targets || !need_targets, path,
+           ": no dataset 'labels' (or 'targets')");
+  if (!has_labels && !has_targets) return data;
   if (has_labels) {
     h5::Handle labels = h5::open_dataset(file.get(), "labels", path);
     const std::string what = path + ": dataset 'labels'";
@@ -93,6 +96,39 @@ void write_dataset(const std::string& path, const Dataset& data) {
                       {data.rows, data.target_cols}, data.targets.data());
   }
   file.close("writing " + path);
+}
+
+void write_predictions(const std::string& path, std::span<const std::int32_t> predictions,
+                       const AlignedVector<float>& outputs, std::size_t k) {
+  const std::size_t n = predictions.size();
+  SP_CHECK(outputs.size() == n * k, "predictions: ", outputs.size(), " outputs for ", n,
+           " samples of ", k);
+  if (path.ends_with(".h5") || path.ends_with(".hdf5")) {
+    h5::Handle file = h5::create_file(path);
+    h5::write_dataset(file.get(), "predictions", H5T_STD_I32LE, H5T_NATIVE_INT32, {n},
+                      predictions.data());
+    h5::write_dataset(file.get(), "outputs", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, {n, k},
+                      outputs.data());
+    file.close("writing " + path);
+    return;
+  }
+  SP_CHECK(path.ends_with(".csv"), "--out ", path, ": name a .h5 or .csv file");
+  std::ofstream out(path, std::ios::trunc);
+  SP_CHECK(out, "--out ", path, ": cannot write");
+  out << "prediction";
+  for (std::size_t j = 0; j < k; ++j) out << ",output_" << j;
+  out << '\n';
+  char text[32];
+  for (std::size_t i = 0; i < n; ++i) {
+    out << predictions[i];
+    for (std::size_t j = 0; j < k; ++j) {
+      std::snprintf(text, sizeof text, ",%.9g", double(outputs[i * k + j]));
+      out << text;
+    }
+    out << '\n';
+  }
+  out.close();
+  SP_CHECK(out, "--out ", path, ": writing failed");
 }
 
 namespace {
@@ -225,7 +261,7 @@ void check_fits(const Dataset& data, const ModelSpec& spec, const std::string& n
     SP_CHECK(bad == data.labels.end(), name, ": label ", *bad, " at row ",
              bad - data.labels.begin(), " is outside [0, ", classes, ") for ", k,
              " output", k == 1 ? "" : "s");
-  } else {
+  } else if (data.target_cols > 0) {
     SP_CHECK(data.target_cols == k, name, ": targets have ", data.target_cols,
              " columns, the output layer has ", k);
   }
@@ -253,8 +289,12 @@ void epoch_permutation(std::size_t n, std::uint64_t seed, std::uint64_t epoch,
   SP_CHECK(n <= std::size_t(UINT32_MAX), "data set of ", n, " samples is too large");
   order.resize(n);
   std::iota(order.begin(), order.end(), 0u);
-  Rng rng(mix64(seed) ^ mix64(epoch + 0x5eed));
+  Rng rng = epoch_rng(seed, epoch);
   for (std::size_t i = n; i > 1; --i) std::swap(order[i - 1], order[rng.below(i)]);
+}
+
+Rng epoch_rng(std::uint64_t seed, std::uint64_t epoch) {
+  return Rng(mix64(seed) ^ mix64(epoch + 0x5eed));
 }
 
 Range shard_range(std::size_t rows, int rank, int size) {

@@ -42,8 +42,9 @@ Handle open_file(const std::string& path) {
   SP_CHECK(!std::filesystem::is_directory(path, ec), path, ": is a directory, not an HDF5 file");
   const htri_t is_h5 = H5Fis_hdf5(path.c_str());
   SP_CHECK(is_h5 > 0, path, ": not an HDF5 file (or not readable)");
-  return Handle(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose,
-                "opening " + path);
+  const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  SP_CHECK(file >= 0, path, ": HDF5 file cannot be opened (truncated or damaged)");
+  return Handle(file, H5Fclose, "opening " + path);
 }
 
 Handle create_file(const std::string& path) {

@@ -150,20 +150,25 @@ EvalStats Trainer::evaluate(const Dataset& data) {
   return evaluate_dataset(mlp_, comm_, params_, data, config_.eval_batch);
 }
 
+bool Trainer::steps_left() const {
+  const auto below = [&](std::int64_t limit) {
+    return limit < 0 || state_.step < std::uint64_t(limit);
+  };
+  return state_.epoch < config_.epochs && below(config_.max_steps) && below(config_.stop_at_step);
+}
+
 void Trainer::run(const Dataset* test, TrainObserver& observer) {
   using clock = std::chrono::steady_clock;
   const std::uint64_t batches = batches_per_epoch();
-  auto steps_left = [&] {
-    return config_.max_steps < 0 || state_.step < std::uint64_t(config_.max_steps);
-  };
-  while (state_.epoch < config_.epochs && steps_left()) {
+  while (steps_left()) {
     if (order_epoch_ != state_.epoch) {
       epoch_permutation(train_.rows, config_.seed, state_.epoch, order_);
       order_epoch_ = state_.epoch;
     }
     const auto start = clock::now();
     double loss = 0, correct = 0, samples = 0;
-    while (state_.batch_in_epoch < batches && steps_left()) {
+    bool ended = false;
+    while (!ended && steps_left()) {
       const std::size_t begin = state_.batch_in_epoch * config_.batch;
       const std::size_t end = std::min(train_.rows, begin + config_.batch);
       const MinibatchStats s =
@@ -171,13 +176,18 @@ void Trainer::run(const Dataset* test, TrainObserver& observer) {
       loss += s.loss_sum;
       correct += s.correct;
       samples += s.samples;
-      ++state_.batch_in_epoch;
-      observer.on_progress(state_.epoch + 1, state_.batch_in_epoch, batches, loss / samples);
+      observer.on_progress(state_.epoch + 1, state_.batch_in_epoch + 1, batches, loss / samples);
+      ended = ++state_.batch_in_epoch == batches;
+      if (ended) {
+        ++state_.epoch;
+        state_.batch_in_epoch = 0;
+      } else {
+        observer.on_state(*this, false);
+      }
     }
     const double seconds = std::chrono::duration<double>(clock::now() - start).count();
-    const bool finished = state_.batch_in_epoch == batches;
     EpochStats stats;
-    stats.epoch = state_.epoch + 1;
+    stats.epoch = ended ? state_.epoch : state_.epoch + 1;
     stats.step = state_.step;
     stats.train = {samples > 0 ? loss / samples : 0.0, samples > 0 ? correct / samples : 0.0,
                    std::size_t(samples)};
@@ -187,11 +197,8 @@ void Trainer::run(const Dataset* test, TrainObserver& observer) {
       stats.has_test = true;
       stats.test = evaluate(*test);
     }
-    if (finished) {
-      ++state_.epoch;
-      state_.batch_in_epoch = 0;
-    }
     if (samples > 0) observer.on_epoch(stats);
+    if (ended) observer.on_state(*this, true);
   }
 }
 

@@ -18,7 +18,7 @@ trap 'rm -rf "$work"' EXIT
 "${mpirun[@]}" -np 3 "$shardprop" eval --checkpoint "$work/model.h5" --data "$work/test.h5" \
   > "$work/eval3.json"
 "$shardprop" eval --checkpoint "$work/model.h5" --data "$work/test.h5" > "$work/eval1.json"
-"$shardprop" info "$work/model.h5" | grep -q "model 10,32:relu,16:tanh,4:softmax, loss xent"
+"$shardprop" info "$work/model.h5" | grep -qE "model +10,32:relu,16:tanh,4:softmax, loss xent"
 
 python3 - "$work/run.jsonl" <<'PY'
 import json, sys

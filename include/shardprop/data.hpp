@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "shardprop/params.hpp"
+#include "shardprop/rng.hpp"
 #include "shardprop/spec.hpp"
 
 namespace shardprop {
@@ -28,10 +29,16 @@ struct Dataset {
 
 // Reads an HDF5 data set: `features` (float, N×D) and `labels` (integer, N) or `targets`
 // (float, N×K). Throws naming the file and dataset on anything missing or malformed,
-// including NaN or Inf features.
-Dataset read_dataset(const std::string& path);
+// including NaN or Inf features. With need_targets false, a file of features alone is
+// accepted too (for prediction).
+Dataset read_dataset(const std::string& path, bool need_targets = true);
 // Writes `features` (float32) and `labels` (int32) or `targets` (float32).
 void write_dataset(const std::string& path, const Dataset& data);
+
+// Writes the predicted class of every sample and the model's outputs (N × K): HDF5
+// (`predictions` int32, `outputs` float32) for a .h5 path, CSV for a .csv path.
+void write_predictions(const std::string& path, std::span<const std::int32_t> predictions,
+                       const AlignedVector<float>& outputs, std::size_t k);
 
 // Reads IDX image and label files (gzip or plain), as MNIST and Fashion-MNIST ship them;
 // pixels are scaled to [0, 1].
@@ -40,7 +47,7 @@ Dataset read_idx(const std::string& images_path, const std::string& labels_path)
 // every other column is a feature. A first line that is not numeric is taken as a header.
 Dataset read_csv(const std::string& path, std::size_t label_column);
 
-// Checks that `data` fits `spec`: feature width, label range or target width.
+// Checks that `data` fits `spec`: feature width, label range or target width (if any).
 void check_fits(const Dataset& data, const ModelSpec& spec, const std::string& name);
 
 // Copies the samples `indices` into x (n × D) and their targets into y (n × K): one-hot
@@ -52,6 +59,8 @@ void gather(const Dataset& data, std::span<const std::uint32_t> indices, std::si
 // (seed, epoch) alone, so it is the same on every rank and for every rank count.
 void epoch_permutation(std::size_t n, std::uint64_t seed, std::uint64_t epoch,
                        std::vector<std::uint32_t>& order);
+// The generator that draws epoch `epoch`'s permutation, before its first draw.
+Rng epoch_rng(std::uint64_t seed, std::uint64_t epoch);
 
 // Rank `rank`'s contiguous slice [begin, end) of a global batch of `rows` samples split
 // over `size` ranks; slices differ in length by at most one, and may be empty.

@@ -37,6 +37,9 @@ struct TrainConfig {
   std::size_t batch = 256;         // global minibatch
   std::size_t epochs = 10;
   std::int64_t max_steps = -1;     // stop after this many steps in all (-1: no limit)
+  // Ends this invocation once the global step reaches it (-1: never), without changing the
+  // run: epochs, max_steps and the schedule stay as they are, so a resume continues exactly.
+  std::int64_t stop_at_step = -1;
   std::uint64_t seed = 1;
   std::size_t eval_batch = 1024;   // rows per forward pass when evaluating
   OptimizerConfig optimizer;       // optimizer.lr is the base learning rate
@@ -64,6 +67,8 @@ struct EpochStats {
   double samples_per_s = 0, seconds = 0;
 };
 
+class Trainer;
+
 // Receives what the trainer does; every rank calls it, printing is up to the observer.
 class TrainObserver {
  public:
@@ -71,6 +76,10 @@ class TrainObserver {
   virtual void on_progress(std::uint64_t /*epoch*/, std::uint64_t /*batch*/,
                            std::uint64_t /*batches*/, double /*running_loss*/) {}
   virtual void on_epoch(const EpochStats& /*stats*/) {}
+  // After every optimizer step, with the trainer's state already advanced (after on_epoch
+  // when the step ended an epoch). Every rank calls it at the same point, so it may run
+  // collectives, such as writing a checkpoint.
+  virtual void on_state(const Trainer& /*trainer*/, bool /*epoch_ended*/) {}
 };
 
 class Trainer {
@@ -79,7 +88,8 @@ class Trainer {
   // on the model layout and configuration, then takes rank 0's initial parameters.
   Trainer(ModelSpec spec, TrainConfig config, Communicator& comm, const Dataset& train);
 
-  // Trains from the current state until config.epochs or config.max_steps.
+  // Trains from the current state until config.epochs, config.max_steps or
+  // config.stop_at_step.
   void run(const Dataset* test, TrainObserver& observer);
   // One optimizer step on the global minibatch `global_batch` (sample indices).
   MinibatchStats step(std::span<const std::uint32_t> global_batch);
@@ -95,8 +105,13 @@ class Trainer {
   std::span<const float> params() const { return params_; }
   Optimizer& optimizer() { return optimizer_; }
   TrainState& state() { return state_; }
+  const Optimizer& optimizer() const { return optimizer_; }
+  const TrainState& state() const { return state_; }
   const TrainConfig& config() const { return config_; }
   TrainConfig& config() { return config_; }
+  const Dataset& train_data() const { return train_; }
+  // Whether run() has steps left to take.
+  bool steps_left() const;
 
  private:
   void check_agreement();
