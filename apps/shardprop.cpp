@@ -256,9 +256,9 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
     sp::check_fits(train, spec, args.train_path);
     if (resuming) {
       SP_CHECK(train.rows == resumed.train_rows && train.cols == resumed.train_cols,
-               args.train_path, ": ", train.rows, " x ", train.cols,
-               " samples, but the checkpoint was trained on ", resumed.train_rows, " x ",
-               resumed.train_cols);
+               args.train_path, ": ", train.rows, " samples of ", train.cols,
+               " features, but the checkpoint was trained on ", resumed.train_rows, " of ",
+               resumed.train_cols, " (the sample order depends on the training set)");
     }
     if (!args.test_path.empty()) {
       test = sp::read_dataset(args.test_path);
