@@ -27,9 +27,11 @@ progress=never
   --train "$data/train.h5" --test "$data/test.h5" \
   --layers 784,256:relu,128:relu,10:softmax --loss xent \
   --batch 256 --epochs "${EPOCHS:-20}" --lr 0.05 --lr-schedule cosine --momentum 0.9 --seed 1 \
-  --metrics "$build/fashion-mnist.jsonl" --progress "$progress"
+  --metrics "$build/fashion-mnist.jsonl" --progress "$progress" \
+  --checkpoint-dir "$build/fashion-mnist-checkpoints" --checkpoint-every-epochs 5
 
 echo "metrics: $build/fashion-mnist.jsonl"
+echo "model:   $build/fashion-mnist-checkpoints/$(cat "$build/fashion-mnist-checkpoints/latest")"
 if /usr/bin/python3 "$root/scripts/plot-metrics.py" "$build/fashion-mnist.jsonl" \
     --out "$build/fashion-mnist.png"; then
   echo "curves:  $build/fashion-mnist.png"
