@@ -484,8 +484,9 @@ int run_info(const std::string& path, const sp::MpiComm& comm) {
   const sp::Checkpoint c = sp::load_checkpoint(path, false);
   std::error_code ec;
   const auto bytes = std::filesystem::file_size(path, ec);
-  std::printf("%s: shardprop checkpoint, format_version %lld, %.1f MB\n", path.c_str(),
-              (long long)c.format_version, ec ? 0.0 : double(bytes) / 1e6);
+  const double kb = ec ? 0.0 : double(bytes) / 1e3;
+  std::printf("%s: shardprop checkpoint, format_version %lld, %.1f %s\n", path.c_str(),
+              (long long)c.format_version, kb < 1e3 ? kb : kb / 1e3, kb < 1e3 ? "kB" : "MB");
   std::printf("  model      %s, loss %s, %s parameters\n", c.spec.layers_string().c_str(),
               std::string(sp::to_string(c.spec.loss)).c_str(),
               thousands(c.spec.parameter_count()).c_str());
@@ -497,9 +498,14 @@ int run_info(const std::string& path, const sp::MpiComm& comm) {
   const sp::TrainConfig& t = c.config;
   const sp::OptimizerConfig& o = t.optimizer;
   const std::size_t batches = (c.train_rows + t.batch - 1) / t.batch;
-  std::printf("  position   step %llu: epoch %llu of %zu, next batch %llu of %zu\n",
-              (unsigned long long)c.state.step, (unsigned long long)c.state.epoch + 1, t.epochs,
-              (unsigned long long)c.state.batch_in_epoch, batches);
+  if (c.state.epoch >= t.epochs) {
+    std::printf("  position   step %llu: all %zu epochs done\n", (unsigned long long)c.state.step,
+                t.epochs);
+  } else {
+    std::printf("  position   step %llu: epoch %llu of %zu, next batch %llu of %zu\n",
+                (unsigned long long)c.state.step, (unsigned long long)c.state.epoch + 1, t.epochs,
+                (unsigned long long)c.state.batch_in_epoch, batches);
+  }
   std::printf("  optimizer  %s lr %g%s", std::string(sp::to_string(o.kind)).c_str(), o.lr,
               t.cosine_schedule ? " (cosine decay)" : "");
   if (o.kind == sp::OptimizerKind::sgd) std::printf(" momentum %g", o.momentum);
@@ -534,6 +540,8 @@ int main(int argc, char** argv) {
 
   CLI::App app{"shardprop: data-parallel multilayer-perceptron training over MPI"};
   app.require_subcommand(1);
+  // A flag given twice takes its last value, so scripts can append overrides.
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.set_version_flag("--version", "shardprop 0.1.0");
 
   TrainArgs t;

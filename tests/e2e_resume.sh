@@ -42,6 +42,12 @@ train 2 --train "$work/train.h5" --resume "$work/ck/ckpt-000000050.h5" --epochs 
 grep -q "changed    --epochs 5 (checkpoint: 4)" "$work/changed.txt"
 grep -q "changed    --lr 0.02 (checkpoint: 0.05)" "$work/changed.txt"
 
+# Every epoch (42 steps), and --max-steps 0 writes the initial model.
+train 2 "${common[@]}" --epochs 2 --checkpoint-dir "$work/epochs" --checkpoint-every-epochs 1 > /dev/null
+test "$(ls "$work/epochs" | tr '\n' ' ')" = "ckpt-000000042.h5 ckpt-000000084.h5 latest "
+train 2 "${common[@]}" --max-steps 0 --checkpoint-dir "$work/zero" > /dev/null
+"$shardprop" info "$work/zero/ckpt-000000000.h5" | grep -q "position   step 0: epoch 1 of 4, next batch 0 of 42"
+
 # --resume auto starts a new run in an empty --checkpoint-dir and continues one that has a
 # checkpoint; a requeued job script can always pass it.
 train 2 "${common[@]}" --checkpoint-dir "$work/auto" --resume auto --stop-at-step 30 > "$work/auto1.txt"
