@@ -19,6 +19,7 @@
 #include <sstream>
 #include <thread>
 
+#include "bench.hpp"
 #include "shardprop/checkpoint.hpp"
 #include "shardprop/comm.hpp"
 #include "shardprop/data.hpp"
@@ -620,6 +621,18 @@ int main(int argc, char** argv) {
   predict->add_option("--eval-batch", pr.eval_batch, "Rows per forward pass")
       ->check(number_above(0, false))->capture_default_str();
 
+  sp::bench::Args bn;
+  CLI::App* bench = app.add_subcommand(
+      "bench", "GEMM limit of one core and training throughput against it (run on 2 ranks)");
+  bench->add_option("--data", bn.data_path, "Training set; synthetic data of its shape if absent");
+  bench->add_option("--json", bn.json_path, "Write the results as one JSON document");
+  bench->add_option("--windows", bn.windows, "Timed windows per case (median reported)")
+      ->check(number_above(0, false))->capture_default_str();
+  bench->add_option("--window-seconds", bn.window_s, "Length of a window")
+      ->check(number_above(0, false))->capture_default_str();
+  bench->add_option("--warmup", bn.warmup, "Untimed steps before timing")
+      ->check(number_above(0, true))->capture_default_str();
+
   std::string info_path;
   CLI::App* info = app.add_subcommand("info", "Describe a data set or a checkpoint (and verify it)");
   info->add_option("file", info_path, "HDF5 data set, checkpoint or model file")->required();
@@ -651,6 +664,8 @@ int main(int argc, char** argv) {
       status = run_train(t, comm);
     } else if (eval->parsed()) {
       status = run_eval(ev, comm);
+    } else if (bench->parsed()) {
+      status = sp::bench::run(bn, comm);
     } else if (predict->parsed()) {
       status = run_predict(pr, comm);
     } else if (convert->parsed()) {

@@ -4,7 +4,8 @@
 #   --oversubscribe --bind-to none --mca mpi_yield_when_idle 1 when there are more ranks
 #     than cores (so idle ranks yield instead of busy-polling),
 #   and otherwise one core per rank (--bind-to core).
-# Extra mpirun flags can be given in MPIRUN_FLAGS (e.g. "--hostfile hosts").
+# Extra mpirun flags can be given in MPIRUN_FLAGS (e.g. "--hostfile hosts"); MPIRUN_BIND=none
+# leaves ranks unbound (for a rank that runs more than one thread).
 # usage: scripts/mpirun.sh N PROGRAM [ARGS...]
 set -euo pipefail
 if [ $# -lt 2 ]; then
@@ -21,6 +22,8 @@ flags=()
 cores=$(nproc)
 if [ "$np" -gt "$cores" ]; then
   flags+=(--oversubscribe --bind-to none --mca mpi_yield_when_idle 1)
+elif [ "${MPIRUN_BIND:-}" = none ]; then
+  flags+=(--bind-to none)
 else
   flags+=(--bind-to core)
 fi

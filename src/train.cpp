@@ -15,7 +15,10 @@ namespace shardprop {
 template <class T>
 MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
                                          std::span<const T> params, ConstMatrixView<T> x,
-                                         ConstMatrixView<T> y, std::span<T> grad) {
+                                         ConstMatrixView<T> y, std::span<T> grad,
+                                         StepTimes* times) {
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
   const Layout& layout = mlp.layout();
   const std::size_t n = layout.size();
   SP_CHECK(grad.size() == n + kGradStats, "gradient buffer has ", grad.size(),
@@ -27,7 +30,12 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
     grad[n + kCorrect] = T(sums.correct);
     grad[n + kSamples] = T(x.rows());
   }
+  const auto computed = clock::now();
   comm.allreduce_sum(grad);
+  if (times) {
+    times->compute += std::chrono::duration<double>(computed - start).count();
+    times->allreduce += std::chrono::duration<double>(clock::now() - computed).count();
+  }
   const MinibatchStats stats{double(grad[n + kLossSum]), double(grad[n + kCorrect]),
                              double(grad[n + kSamples])};
   SP_CHECK(stats.samples > 0, "global minibatch is empty");
@@ -40,12 +48,12 @@ template MinibatchStats reduce_minibatch_gradient<float>(Mlp<float>&, Communicat
                                                          std::span<const float>,
                                                          ConstMatrixView<float>,
                                                          ConstMatrixView<float>,
-                                                         std::span<float>);
+                                                         std::span<float>, StepTimes*);
 template MinibatchStats reduce_minibatch_gradient<double>(Mlp<double>&, Communicator&,
                                                           std::span<const double>,
                                                           ConstMatrixView<double>,
                                                           ConstMatrixView<double>,
-                                                          std::span<double>);
+                                                          std::span<double>, StepTimes*);
 
 Trainer::Trainer(ModelSpec spec, TrainConfig config, Communicator& comm, const Dataset& train)
     : config_(config),
@@ -99,13 +107,14 @@ double Trainer::learning_rate(std::uint64_t step) const {
 }
 
 MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch) {
+  const auto start = std::chrono::steady_clock::now();
   const std::size_t k = spec_output();
   const Range shard = shard_range(global_batch.size(), comm_.rank(), comm_.size());
   const auto rows = Eigen::Index(shard.size());
   gather(train_, global_batch.subspan(shard.begin, shard.size()), k, x_.data(), y_.data());
   const MinibatchStats stats = reduce_minibatch_gradient<float>(
       mlp_, comm_, params_, ConstMatrixView<float>(x_.data(), rows, Eigen::Index(train_.cols)),
-      ConstMatrixView<float>(y_.data(), rows, Eigen::Index(k)), grad_);
+      ConstMatrixView<float>(y_.data(), rows, Eigen::Index(k)), grad_, &times_);
   const std::uint64_t step = state_.step + 1;
   SP_CHECK(std::isfinite(stats.loss_sum), "training diverged at step ", step, ": loss is ",
            stats.loss_sum / stats.samples);
@@ -119,6 +128,8 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch) {
   optimizer_.set_lr(learning_rate(state_.step));
   optimizer_.step(params_, std::span<const float>(grad_).first(params_.size()));
   state_.step = step;
+  times_.total += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ++times_.steps;
   return stats;
 }
 

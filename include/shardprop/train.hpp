@@ -17,6 +17,14 @@ namespace shardprop {
 // single allreduce covers all of them.
 enum GradStat : std::size_t { kLossSum = 0, kCorrect = 1, kSamples = 2, kGradStats = 3 };
 
+// Seconds spent in the parts of training steps, summed over steps.
+struct StepTimes {
+  double compute = 0;    // forward and backward of this rank's shard
+  double allreduce = 0;  // waiting for the gradient allreduce
+  double total = 0;      // whole steps (gather, compute, allreduce, checks, optimizer)
+  std::uint64_t steps = 0;
+};
+
 struct MinibatchStats {
   double loss_sum = 0;
   double correct = 0;
@@ -27,11 +35,12 @@ struct MinibatchStats {
 // shard (x, y; it may be empty), allreduces the whole buffer with the loss sum, correct
 // count and sample count, and divides by the global sample count. On return grad[0, n)
 // is the mean gradient of the global minibatch on every rank. `grad` has
-// layout.size() + kGradStats elements.
+// layout.size() + kGradStats elements. Adds the time of its parts to `times` if given.
 template <class T>
 MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
                                          std::span<const T> params, ConstMatrixView<T> x,
-                                         ConstMatrixView<T> y, std::span<T> grad);
+                                         ConstMatrixView<T> y, std::span<T> grad,
+                                         StepTimes* times = nullptr);
 
 struct TrainConfig {
   std::size_t batch = 256;         // global minibatch
@@ -110,6 +119,9 @@ class Trainer {
   const TrainConfig& config() const { return config_; }
   TrainConfig& config() { return config_; }
   const Dataset& train_data() const { return train_; }
+  // Time spent in step(), summed since construction or the last reset.
+  const StepTimes& step_times() const { return times_; }
+  void reset_step_times() { times_ = {}; }
   // Whether run() has steps left to take.
   bool steps_left() const;
 
@@ -126,6 +138,7 @@ class Trainer {
   TrainState state_;
   std::vector<std::uint32_t> order_;
   std::uint64_t order_epoch_ = UINT64_MAX;
+  StepTimes times_;
 };
 
 // Loss and accuracy of `params` over a whole data set, each rank evaluating its contiguous

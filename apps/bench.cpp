@@ -1,0 +1,327 @@
+#include "bench.hpp"
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <oneapi/tbb/global_control.h>
+#include <oneapi/tbb/info.h>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "shardprop/data.hpp"
+#include "shardprop/error.hpp"
+#include "shardprop/rng.hpp"
+#include "shardprop/train.hpp"
+
+#ifdef SHARDPROP_HAVE_OPENBLAS
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+#endif
+
+namespace shardprop::bench {
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+double seconds_since(clock::time_point start) {
+  return std::chrono::duration<double>(clock::now() - start).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// GFLOP/s of C = A·B at n×n×n on one core, median of `reps` runs after a warm-up.
+template <class Gemm>
+double gemm_gflops(int n, int reps, const Gemm& gemm) {
+  gemm();
+  std::vector<double> rates;
+  for (int r = 0; r < reps; ++r) {
+    const auto start = clock::now();
+    gemm();
+    rates.push_back(2.0 * n * n * n / seconds_since(start) / 1e9);
+  }
+  return median(rates);
+}
+
+struct Gemm {
+  double eigen = 0, openblas = 0;  // 0: not built with OpenBLAS
+  double limit() const { return std::max(eigen, openblas); }
+};
+
+Gemm measure_gemm() {
+  constexpr int n = 1024, reps = 9;
+  const oneapi::tbb::global_control one(oneapi::tbb::global_control::max_allowed_parallelism, 1);
+  RowMatrix<float> a = RowMatrix<float>::Random(n, n), b = RowMatrix<float>::Random(n, n);
+  RowMatrix<float> c(n, n);
+  Gemm g;
+  g.eigen = gemm_gflops(n, reps, [&] { c.noalias() = a * b; });
+#ifdef SHARDPROP_HAVE_OPENBLAS
+  // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ.
+  const float one_f = 1, zero = 0;
+  g.openblas = gemm_gflops(n, reps, [&] {
+    sgemm_("N", "N", &n, &n, &n, &one_f, b.data(), &n, a.data(), &n, &zero, c.data(), &n);
+  });
+#endif
+  return g;
+}
+
+// Multiply-adds per sample of one training step: forward X·W for every layer, dW = Xᵀ·δ for
+// every layer, and dX = δ·Wᵀ for every layer but the first.
+double flops_per_sample(const ModelSpec& spec) {
+  double macs = 0;
+  for (std::size_t l = 0; l < spec.layers.size(); ++l) {
+    const double inout = double(spec.layers[l].in) * double(spec.layers[l].out);
+    macs += (l == 0 ? 2 : 3) * inout;
+  }
+  return 2 * macs;
+}
+
+// Peak resident memory of this process since the last reset, in MB.
+double peak_rss_mb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  }
+  return 0;
+}
+void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
+// A rank left out of a case waits here without spinning until rank 0 is done.
+void wait_for_rank0(MpiComm& world) {
+  MPI_Request request;
+  check_mpi(MPI_Ibarrier(world.get(), &request), "MPI_Ibarrier");
+  int done = 0;
+  while (true) {
+    check_mpi(MPI_Test(&request, &done, MPI_STATUS_IGNORE), "MPI_Test");
+    if (done) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+}
+
+struct Workload {
+  const char* name;
+  const char* layers;
+  std::size_t batch;
+};
+
+struct Result {
+  std::string workload, layers;
+  std::size_t batch = 0;
+  int ranks = 0, threads = 0;
+  std::vector<double> window_rates;
+  double samples_per_s = 0, gflops = 0, efficiency = 0;
+  double step_ms = 0, compute_ms = 0, allreduce_ms = 0, rest_ms = 0, peak_rss_mb = 0;
+};
+
+Result run_case(Communicator& comm, const Workload& w, const Dataset& data, int threads,
+                const Args& args, double limit) {
+  const oneapi::tbb::global_control parallelism(
+      oneapi::tbb::global_control::max_allowed_parallelism, std::size_t(threads));
+  const ModelSpec spec = parse_model(w.layers, "xent");
+  TrainConfig config;
+  config.batch = w.batch;
+  config.epochs = 1u << 20;
+  config.optimizer.lr = 0.01;
+  Trainer trainer(spec, config, comm, data);
+  std::vector<std::uint32_t> order;
+  epoch_permutation(data.rows, 1, 0, order);
+  const std::size_t batches = data.rows / w.batch;
+  std::size_t next = 0;
+  const auto step = [&] {
+    trainer.step(std::span<const std::uint32_t>(order).subspan((next++ % batches) * w.batch, w.batch));
+  };
+  for (int i = 0; i < args.warmup; ++i) step();
+  // Steps per window from a short calibration, agreed on by all ranks (rank 0's).
+  auto start = clock::now();
+  for (int i = 0; i < 5; ++i) step();
+  std::int64_t per_window = std::max<std::int64_t>(3, std::int64_t(args.window_s / (seconds_since(start) / 5)));
+  comm.broadcast_values(std::span<std::int64_t>(&per_window, 1), 0);
+
+  reset_peak_rss();
+  trainer.reset_step_times();
+  Result r;
+  r.workload = w.name;
+  r.layers = spec.layers_string();
+  r.batch = w.batch;
+  r.ranks = comm.size();
+  r.threads = threads;
+  for (int window = 0; window < args.windows; ++window) {
+    start = clock::now();
+    for (std::int64_t i = 0; i < per_window; ++i) step();
+    r.window_rates.push_back(double(per_window) * double(w.batch) / seconds_since(start));
+  }
+  // Every rank took part in every step's allreduce, so rank 0's windows time the job; the
+  // split of a step is averaged over the ranks, the memory is the largest rank's.
+  const StepTimes& t = trainer.step_times();
+  double split[3] = {t.compute, t.allreduce, t.total};
+  comm.allreduce_sum(std::span<double>(split));
+  const double per_step_ms = 1e3 / double(t.steps) / comm.size();
+  r.compute_ms = split[0] * per_step_ms;
+  r.allreduce_ms = split[1] * per_step_ms;
+  r.step_ms = split[2] * per_step_ms;
+  r.rest_ms = r.step_ms - r.compute_ms - r.allreduce_ms;
+  r.peak_rss_mb = double(comm.allreduce_max(std::int64_t(peak_rss_mb() * 1024))) / 1024;
+  r.samples_per_s = median(r.window_rates);
+  r.gflops = r.samples_per_s * flops_per_sample(spec) / 1e9;
+  r.efficiency = r.gflops / (double(comm.size() * threads) * limit);
+  return r;
+}
+
+Dataset load_or_make(const std::string& path, bool& real) {
+  std::error_code ec;
+  real = !path.empty() && std::filesystem::exists(path, ec);
+  if (real) return read_dataset(path);
+  Dataset d;  // the shape of Fashion-MNIST's training set
+  d.rows = 60000;
+  d.cols = 784;
+  d.features.resize(d.rows * d.cols);
+  d.labels.resize(d.rows);
+  Rng rng(2024);
+  for (auto& v : d.features) v = float(rng.uniform());
+  for (auto& l : d.labels) l = std::int32_t(rng.below(10));
+  return d;
+}
+
+std::string cpu_model() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  }
+  return "unknown";
+}
+
+std::string json_number(double v) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.6g", v);
+  return text;
+}
+
+std::string to_json(const Gemm& g, const std::vector<Result>& results, const std::string& data,
+                    int cores) {
+  std::ostringstream j;
+  j << "{\n  \"machine\": {\"cpu\": \"" << cpu_model() << "\", \"cores\": " << cores << "},\n";
+  j << "  \"data\": \"" << data << "\",\n";
+  j << "  \"training_gemm\": \"" << (SHARDPROP_TRAINING_GEMM) << "\",\n";
+  j << "  \"gemm_1024_gflops_per_core\": {\"eigen\": " << json_number(g.eigen)
+    << ", \"openblas\": " << (g.openblas > 0 ? json_number(g.openblas) : "null")
+    << ", \"limit\": " << json_number(g.limit()) << "},\n  \"cases\": [\n";
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    const Result& r = results[i];
+    j << "    {\"workload\": \"" << r.workload << "\", \"layers\": \"" << r.layers
+      << "\", \"batch\": " << r.batch << ", \"ranks\": " << r.ranks << ", \"threads\": " << r.threads
+      << ", \"samples_per_s\": " << json_number(r.samples_per_s) << ", \"windows\": [";
+    for (std::size_t k = 0; k < r.window_rates.size(); ++k) {
+      j << (k ? ", " : "") << json_number(r.window_rates[k]);
+    }
+    j << "], \"gflops\": " << json_number(r.gflops) << ", \"efficiency\": " << json_number(r.efficiency)
+      << ", \"step_ms\": " << json_number(r.step_ms) << ", \"compute_ms\": " << json_number(r.compute_ms)
+      << ", \"allreduce_ms\": " << json_number(r.allreduce_ms) << ", \"rest_ms\": "
+      << json_number(r.rest_ms) << ", \"peak_rss_mb\": " << json_number(r.peak_rss_mb) << "}"
+      << (i + 1 < results.size() ? "," : "") << "\n";
+  }
+  j << "  ]\n}\n";
+  return j.str();
+}
+
+}  // namespace
+
+int run(const Args& args, MpiComm& world) {
+  const bool root = world.rank() == 0;
+  SP_CHECK(world.size() <= 2, "bench runs on 1 or 2 ranks, not ", world.size());
+  bool real = false;
+  Dataset data;
+  collective_check(world, [&] { data = load_or_make(args.data_path, real); });
+  const int cores = int(std::thread::hardware_concurrency());
+
+  Gemm gemm;
+  if (root) {
+    gemm = measure_gemm();
+    std::printf("GEMM 1024x1024x1024 float32 on one core: Eigen %.1f GFLOP/s", gemm.eigen);
+    if (gemm.openblas > 0) std::printf(", OpenBLAS %.1f GFLOP/s", gemm.openblas);
+    std::printf(" -> limit %.1f GFLOP/s per core (training uses %s)\n", gemm.limit(),
+                SHARDPROP_TRAINING_GEMM);
+    std::printf("data: %s\n\n", real ? args.data_path.c_str() : "synthetic, 60000 x 784, 10 classes");
+    std::fflush(stdout);
+  } else {
+    wait_for_rank0(world);
+  }
+  if (root) wait_for_rank0(world);
+  double limit = gemm.limit();
+  world.broadcast_values(std::span<double>(&limit, 1), 0);
+
+  const Workload workloads[] = {{"small", "784,256:relu,128:relu,10:softmax", 128},
+                                {"wide", "784,1024:relu,1024:relu,10:softmax", 256}};
+  std::vector<Result> results;
+  if (root) {
+    std::printf("%-6s %-13s %10s %8s %6s %8s %8s %9s %7s %8s\n", "case", "ranks x thr",
+                "samples/s", "GFLOP/s", "eff", "step ms", "compute", "allreduce", "rest",
+                "peak MB");
+  }
+  const auto print = [&](const Result& r) {
+    if (!root) return;
+    std::printf("%-6s %5d x %-5d %10.0f %8.1f %6.3f %8.3f %8.3f %9.3f %7.3f %8.1f\n",
+                r.workload.c_str(), r.ranks, r.threads, r.samples_per_s, r.gflops, r.efficiency,
+                r.step_ms, r.compute_ms, r.allreduce_ms, r.rest_ms, r.peak_rss_mb);
+    std::fflush(stdout);
+  };
+  for (const Workload& w : workloads) {
+    // One rank: rank 0 alone (the other waits without using a core), 1 then 2 threads.
+    for (int threads : {1, 2}) {
+      if (root) {
+        MpiComm self(MPI_COMM_SELF);
+        results.push_back(run_case(self, w, data, threads, args, limit));
+        self.free();
+        print(results.back());
+      }
+      wait_for_rank0(world);
+    }
+    if (world.size() == 2) {
+      Result r = run_case(world, w, data, 1, args, limit);
+      if (root) {
+        results.push_back(r);
+        print(r);
+      }
+    }
+  }
+  if (!root) return 0;
+  std::printf("\n");
+  const auto find = [&](const char* workload, int ranks, int threads) -> const Result* {
+    for (const Result& r : results) {
+      if (r.workload == workload && r.ranks == ranks && r.threads == threads) return &r;
+    }
+    return nullptr;
+  };
+  for (const Workload& w : workloads) {
+    const Result* base = find(w.name, 1, 1);
+    for (const auto& [ranks, threads] : {std::pair{1, 2}, std::pair{2, 1}}) {
+      if (const Result* r = find(w.name, ranks, threads)) {
+        std::printf("%s: %d x %d is %.2fx the samples/s of 1 x 1\n", w.name, ranks, threads,
+                    r->samples_per_s / base->samples_per_s);
+      }
+    }
+  }
+  if (!args.json_path.empty()) {
+    std::ofstream out(args.json_path, std::ios::trunc);
+    out << to_json(gemm, results, real ? args.data_path : "synthetic", cores);
+    out.close();
+    SP_CHECK(out, "--json ", args.json_path, ": cannot write");
+    std::printf("wrote %s\n", args.json_path.c_str());
+  }
+  return 0;
+}
+
+}  // namespace shardprop::bench
