@@ -38,12 +38,14 @@ MpiComm::MpiComm(MPI_Comm parent) {
 
 MpiComm::MpiComm(MpiComm&& other) noexcept
     : comm_(std::exchange(other.comm_, MPI_COMM_NULL)),
+      pending_(std::move(other.pending_)),
       rank_(other.rank_),
       size_(other.size_),
       ranks_on_node_(other.ranks_on_node_) {}
 
 MpiComm& MpiComm::operator=(MpiComm&& other) noexcept {
   comm_ = std::exchange(other.comm_, MPI_COMM_NULL);
+  pending_ = std::move(other.pending_);
   rank_ = other.rank_;
   size_ = other.size_;
   ranks_on_node_ = other.ranks_on_node_;
@@ -64,6 +66,37 @@ void MpiComm::allreduce_sum(std::span<double> data) {
   check_mpi(MPI_Allreduce(MPI_IN_PLACE, data.data(), checked_count(data.size(), "MPI_Allreduce"),
                           MPI_DOUBLE, MPI_SUM, comm_),
             "MPI_Allreduce");
+}
+
+void MpiComm::start(void* data, std::size_t count, MPI_Datatype type) {
+  if (pending_.capacity() == 0) pending_.reserve(64);  // no allocation in steady state
+  MPI_Request request = MPI_REQUEST_NULL;
+  check_mpi(MPI_Iallreduce(MPI_IN_PLACE, data, checked_count(count, "MPI_Iallreduce"), type,
+                           MPI_SUM, comm_, &request),
+            "MPI_Iallreduce");
+  pending_.push_back(request);
+}
+
+void MpiComm::start_allreduce_sum(std::span<float> data) {
+  start(data.data(), data.size(), MPI_FLOAT);
+}
+
+void MpiComm::start_allreduce_sum(std::span<double> data) {
+  start(data.data(), data.size(), MPI_DOUBLE);
+}
+
+void MpiComm::progress() {
+  if (pending_.empty()) return;
+  int done = 0;
+  check_mpi(MPI_Testall(int(pending_.size()), pending_.data(), &done, MPI_STATUSES_IGNORE),
+            "MPI_Testall");
+}
+
+void MpiComm::wait_all() {
+  if (pending_.empty()) return;
+  const int rc = MPI_Waitall(int(pending_.size()), pending_.data(), MPI_STATUSES_IGNORE);
+  pending_.clear();
+  check_mpi(rc, "MPI_Waitall");
 }
 
 std::int64_t MpiComm::allreduce_max(std::int64_t value) {

@@ -1,14 +1,103 @@
 #include "shardprop/layers.hpp"
 
 #include <algorithm>
+#include <type_traits>
 #include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/parallel_for.h>
 #include <oneapi/tbb/partitioner.h>
 #include <oneapi/tbb/task_arena.h>
 
+#ifdef SHARDPROP_USE_OPENBLAS
+// The Fortran BLAS interface of Debian's serial OpenBLAS (column-major).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc);
+}
+#endif
+
 namespace shardprop {
 
 namespace {
+
+// A row-major matrix of `rows` × `cols` at `data` whose rows are `ld` elements apart.
+template <class T>
+struct Strided {
+  T* data;
+  Eigen::Index rows, cols, ld;
+};
+
+template <class T>
+using StridedMap = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;
+template <class T>
+using ConstStridedMap = Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>>;
+
+template <class T>
+ConstStridedMap<T> map(const Strided<const T>& m) {
+  return ConstStridedMap<T>(m.data, m.rows, m.cols, Eigen::OuterStride<>(m.ld));
+}
+
+enum class Op { none, transpose };
+
+// c = beta·c + op(a)·op(b), all row-major; a and b are given as stored (op applied here).
+// beta is 0 or 1. The one matrix-multiply of every kernel, so the backend is chosen here.
+template <class T>
+void gemm(Op op_a, Op op_b, const Strided<const T>& a, const Strided<const T>& b, T beta,
+          const Strided<T>& c) {
+#ifdef SHARDPROP_USE_OPENBLAS
+  // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ over the same memory.
+  const int m = int(c.rows), n = int(c.cols);
+  const int k = int(op_a == Op::none ? a.cols : a.rows);
+  const int lda = int(a.ld), ldb = int(b.ld), ldc = int(c.ld);
+  const T one = 1;
+  const char* ta = op_b == Op::none ? "N" : "T";
+  const char* tb = op_a == Op::none ? "N" : "T";
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(ta, tb, &n, &m, &k, &one, b.data, &ldb, a.data, &lda, &beta, c.data, &ldc);
+  } else {
+    dgemm_(ta, tb, &n, &m, &k, &one, b.data, &ldb, a.data, &lda, &beta, c.data, &ldc);
+  }
+#else
+  StridedMap<T> out(c.data, c.rows, c.cols, Eigen::OuterStride<>(c.ld));
+  const auto x = map(a);
+  const auto y = map(b);
+  const auto apply = [&](const auto& product) {
+    if (beta == T(0)) {
+      out.noalias() = product;
+    } else {
+      out.noalias() += product;
+    }
+  };
+  if (op_a == Op::none && op_b == Op::none) {
+    apply(x * y);
+  } else if (op_a == Op::transpose && op_b == Op::none) {
+    apply(x.transpose() * y);
+  } else if (op_a == Op::none && op_b == Op::transpose) {
+    apply(x * y.transpose());
+  } else {
+    apply(x.transpose() * y.transpose());
+  }
+#endif
+}
+
+// Rows [r0, r0 + n) of a contiguous row-major view, or columns [c0, c0 + n).
+template <class View>
+auto rows_of(View&& v, std::size_t r0, std::size_t n) {
+  using T = std::remove_pointer_t<decltype(v.data())>;
+  return Strided<T>{v.data() + r0 * std::size_t(v.cols()), Eigen::Index(n), v.cols(), v.cols()};
+}
+template <class View>
+auto cols_of(View&& v, std::size_t c0, std::size_t n) {
+  using T = std::remove_pointer_t<decltype(v.data())>;
+  return Strided<T>{v.data() + c0, v.rows(), Eigen::Index(n), v.cols()};
+}
+template <class View>
+auto whole(View&& v) {
+  return rows_of(v, 0, std::size_t(v.rows()));
+}
 
 // One block per worker thread, but no block smaller than `min_block` (rounded to `align`).
 std::size_t block_size(std::size_t n, std::size_t min_block, std::size_t align) {
@@ -80,8 +169,8 @@ void dense_forward(ConstMatrixView<T> x, ConstMatrixView<T> w, ConstRowVectorVie
   const auto rows = static_cast<std::size_t>(x.rows());
   for_blocks(rows, block_size(rows, kMinRows, 1), [&](std::size_t r0, std::size_t r1) {
     const auto n = Eigen::Index(r1 - r0);
+    gemm<T>(Op::none, Op::none, rows_of(x, r0, r1 - r0), whole(w), T(0), rows_of(out, r0, r1 - r0));
     auto z = out.middleRows(Eigen::Index(r0), n);
-    z.noalias() = x.middleRows(Eigen::Index(r0), n) * w;
     z.rowwise() += b;
     activate<T>(act, z);
   });
@@ -89,14 +178,29 @@ void dense_forward(ConstMatrixView<T> x, ConstMatrixView<T> w, ConstRowVectorVie
 
 template <class T>
 void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, MatrixView<T> dw,
-                           RowVectorView<T> db) {
+                           RowVectorView<T> db, LayerDone progress) {
   const auto cols = static_cast<std::size_t>(delta.cols());
-  for_blocks(cols, block_size(cols, kMinCols, kMinCols), [&](std::size_t c0, std::size_t c1) {
-    const auto n = Eigen::Index(c1 - c0);
-    const auto d = delta.middleCols(Eigen::Index(c0), n);
-    dw.middleCols(Eigen::Index(c0), n).noalias() += x.transpose() * d;
-    db.segment(Eigen::Index(c0), n) += d.colwise().sum();
-  });
+  const auto columns = [&](std::size_t p0, std::size_t p1) {
+    const std::size_t n = p1 - p0;
+    for_blocks(n, block_size(n, kMinCols, kMinCols), [&](std::size_t c0, std::size_t c1) {
+      c0 += p0;
+      c1 += p0;
+      gemm<T>(Op::transpose, Op::none, whole(x), cols_of(delta, c0, c1 - c0), T(1),
+              cols_of(dw, c0, c1 - c0));
+      db.segment(Eigen::Index(c0), Eigen::Index(c1 - c0)) +=
+          delta.middleCols(Eigen::Index(c0), Eigen::Index(c1 - c0)).colwise().sum();
+    });
+  };
+  if (!progress) {
+    columns(0, cols);
+    return;
+  }
+  constexpr std::size_t kParts = 4, kMinPart = 128;
+  const std::size_t part = std::max(kMinPart, (cols + kParts - 1) / kParts / kMinCols * kMinCols);
+  for (std::size_t p0 = 0; p0 < cols; p0 += part) {
+    columns(p0, std::min(cols, p0 + part));
+    progress(0);
+  }
 }
 
 template <class T>
@@ -105,8 +209,9 @@ void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
   const auto rows = static_cast<std::size_t>(delta.rows());
   for_blocks(rows, block_size(rows, kMinRows, 1), [&](std::size_t r0, std::size_t r1) {
     const auto n = Eigen::Index(r1 - r0);
+    gemm<T>(Op::none, Op::transpose, rows_of(delta, r0, r1 - r0), whole(w), T(0),
+            rows_of(dx, r0, r1 - r0));
     auto d = dx.middleRows(Eigen::Index(r0), n);
-    d.noalias() = delta.middleRows(Eigen::Index(r0), n) * w.transpose();
     activation_derivative_mul<T>(act_prev, a_prev.middleRows(Eigen::Index(r0), n), d);
   });
 }
@@ -116,7 +221,7 @@ void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
   template void dense_forward<T>(ConstMatrixView<T>, ConstMatrixView<T>, ConstRowVectorView<T>, \
                                  Activation, MatrixView<T>);                                  \
   template void dense_backward_params<T>(ConstMatrixView<T>, ConstMatrixView<T>, MatrixView<T>, \
-                                         RowVectorView<T>);                                   \
+                                         RowVectorView<T>, LayerDone);                        \
   template void dense_backward_input<T>(ConstMatrixView<T>, ConstMatrixView<T>,               \
                                         ConstMatrixView<T>, Activation, MatrixView<T>);
 SP_INSTANTIATE(float)

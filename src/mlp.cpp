@@ -82,7 +82,7 @@ LossSums Mlp<T>::evaluate(std::span<const T> params, ConstMatrixView<T> x,
 template <class T>
 LossSums Mlp<T>::forward_backward(std::span<const T> params, ConstMatrixView<T> x,
                                   ConstMatrixView<T> y, std::span<T> grad_sum,
-                                  LayerDone layer_done) {
+                                  LayerDone layer_done, LayerDone progress) {
   SP_CHECK(grad_sum.size() == layout_.size(), "gradient buffer has ", grad_sum.size(),
            " elements, the model needs ", layout_.size());
   forward(params, x);
@@ -106,8 +106,10 @@ LossSums Mlp<T>::forward_backward(std::span<const T> params, ConstMatrixView<T> 
     if (l > 0) {  // δ of the layer below, before this layer's gradient is handed off
       dense_backward_input<T>(d_l, layout_.weights(params, l), in,
                               spec_.layers[l - 1].activation, delta(1 - current, rows, layer.in));
+      progress(l);
     }
-    dense_backward_params<T>(in, d_l, layout_.weights(grad_sum, l), layout_.bias(grad_sum, l));
+    dense_backward_params<T>(in, d_l, layout_.weights(grad_sum, l), layout_.bias(grad_sum, l),
+                             progress ? LayerDone([&](std::size_t) { progress(l); }) : LayerDone());
     layer_done(l);
     current = 1 - current;
   }

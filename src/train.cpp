@@ -24,14 +24,25 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
   SP_CHECK(grad.size() == n + kGradStats, "gradient buffer has ", grad.size(),
            " elements, expected ", n + kGradStats);
   std::fill(grad.begin(), grad.end(), T(0));
+  // Each layer's gradient is reduced as soon as backward has finished it (last layer
+  // first), while the layers below are still computing; then the loss and sample counts.
+  const auto reduce_layer = [&](std::size_t l) {
+    const auto [begin, end] = layout.layer_range(l);
+    comm.start_allreduce_sum(grad.subspan(begin, end - begin));
+    comm.progress();
+  };
   if (x.rows() > 0) {
-    const LossSums sums = mlp.forward_backward(params, x, y, grad.first(n));
+    const auto progress = [&](std::size_t) { comm.progress(); };
+    const LossSums sums = mlp.forward_backward(params, x, y, grad.first(n), reduce_layer, progress);
     grad[n + kLossSum] = T(sums.loss);
     grad[n + kCorrect] = T(sums.correct);
     grad[n + kSamples] = T(x.rows());
+  } else {  // an empty shard still takes part in every reduction, in the same order
+    for (std::size_t l = layout.layer_count(); l-- > 0;) reduce_layer(l);
   }
+  comm.start_allreduce_sum(grad.subspan(n, kGradStats));
   const auto computed = clock::now();
-  comm.allreduce_sum(grad);
+  comm.wait_all();
   if (times) {
     times->compute += std::chrono::duration<double>(computed - start).count();
     times->allreduce += std::chrono::duration<double>(clock::now() - computed).count();

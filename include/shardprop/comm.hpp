@@ -23,6 +23,15 @@ class Communicator {
   // In-place elementwise sum over all ranks; every rank receives the same values.
   virtual void allreduce_sum(std::span<float> data) = 0;
   virtual void allreduce_sum(std::span<double> data) = 0;
+  // Starts an in-place sum of `data` over all ranks, finished by wait_all(). Every rank
+  // starts the same reductions in the same order, and leaves `data` alone until wait_all()
+  // returns. This default reduces at once.
+  virtual void start_allreduce_sum(std::span<float> data) { allreduce_sum(data); }
+  virtual void start_allreduce_sum(std::span<double> data) { allreduce_sum(data); }
+  // Lets started reductions advance while the caller computes.
+  virtual void progress() {}
+  // Completes every started reduction.
+  virtual void wait_all() {}
   // The largest of the ranks' values.
   virtual std::int64_t allreduce_max(std::int64_t value) = 0;
   // Copies root's bytes to every rank.
@@ -79,11 +88,20 @@ class MpiComm final : public Communicator {
   int size() const override { return size_; }
   void allreduce_sum(std::span<float> data) override;
   void allreduce_sum(std::span<double> data) override;
+  // MPI_Iallreduce; a failed or abandoned step leaves requests that MPI_Finalize or
+  // MPI_Abort reclaim (never a wait in the destructor).
+  void start_allreduce_sum(std::span<float> data) override;
+  void start_allreduce_sum(std::span<double> data) override;
+  void progress() override;
+  void wait_all() override;
   std::int64_t allreduce_max(std::int64_t value) override;
   void broadcast(std::span<std::byte> data, int root) override;
 
  private:
+  void start(void* data, std::size_t count, MPI_Datatype type);
+
   MPI_Comm comm_ = MPI_COMM_NULL;
+  std::vector<MPI_Request> pending_;
   int rank_ = 0, size_ = 1, ranks_on_node_ = 1;
 };
 

@@ -5,27 +5,12 @@
 #include <span>
 #include <vector>
 
+#include "shardprop/layers.hpp"
 #include "shardprop/loss.hpp"
 #include "shardprop/params.hpp"
 #include "shardprop/spec.hpp"
 
 namespace shardprop {
-
-// A non-owning callable reference `void(std::size_t layer)`; empty means do nothing.
-class LayerDone {
- public:
-  LayerDone() = default;
-  template <class F>
-  LayerDone(const F& f)  // NOLINT(google-explicit-constructor): used like a function argument
-      : object_(&f), call_([](const void* o, std::size_t l) { (*static_cast<const F*>(o))(l); }) {}
-  void operator()(std::size_t layer) const {
-    if (call_) call_(object_, layer);
-  }
-
- private:
-  const void* object_ = nullptr;
-  void (*call_)(const void*, std::size_t) = nullptr;
-};
 
 template <class T>
 class Mlp {
@@ -49,10 +34,11 @@ class Mlp {
   // shard's per-sample losses to `grad_sum` (dW = inputᵀ·δ, db = column sums of δ) and
   // returns the loss sums. Dividing the reduced sums by the global sample count gives the
   // mean gradient of the global minibatch. `layer_done(l)` runs as soon as layer l's
-  // gradient is final (layers finish from last to first).
+  // gradient is final (layers finish from last to first); `progress(l)` runs on the calling
+  // thread between the kernels of layer l's backward, and between parts of its dW.
   LossSums forward_backward(std::span<const T> params, ConstMatrixView<T> x,
                             ConstMatrixView<T> y, std::span<T> grad_sum,
-                            LayerDone layer_done = {});
+                            LayerDone layer_done = {}, LayerDone progress = {});
 
  private:
   MatrixView<T> activation(std::size_t layer, std::size_t rows);

@@ -32,8 +32,9 @@ struct MinibatchStats {
 };
 
 // One rank's part of a global minibatch gradient: adds the gradient sums of this rank's
-// shard (x, y; it may be empty), allreduces the whole buffer with the loss sum, correct
-// count and sample count, and divides by the global sample count. On return grad[0, n)
+// shard (x, y; it may be empty), allreduces them layer by layer as backward finishes each
+// (overlapping the reduction with the layers below), then the loss sum, correct count and
+// sample count, and divides by the global sample count. On return grad[0, n)
 // is the mean gradient of the global minibatch on every rank. `grad` has
 // layout.size() + kGradStats elements. Adds the time of its parts to `times` if given.
 template <class T>
