@@ -140,7 +140,8 @@ class LocalGroup::Member final : public Communicator {
   int rank_;
 };
 
-LocalGroup::LocalGroup(int size) : size_(size), barrier_(size), slots_(std::size_t(size)) {
+LocalGroup::LocalGroup(int size)
+    : size_(size), barrier_(size), slots_(std::size_t(size)), scratch_(std::size_t(size)) {
   SP_CHECK(size > 0, "LocalGroup size must be positive, got ", size);
   for (int r = 0; r < size; ++r) members_.push_back(std::make_unique<Member>(*this, r));
 }
@@ -152,14 +153,17 @@ Communicator& LocalGroup::member(int rank) { return *members_.at(std::size_t(ran
 template <class T>
 void LocalGroup::allreduce(int rank, std::span<T> data) {
   slots_[std::size_t(rank)] = data.data();
+  auto& scratch = scratch_[std::size_t(rank)];
+  if (scratch.size() < data.size_bytes()) scratch.resize(data.size_bytes());
+  T* sum = reinterpret_cast<T*>(scratch.data());
+  std::fill_n(sum, data.size(), T(0));
   barrier_.arrive_and_wait();
-  std::vector<T> sum(data.size(), T(0));
   for (const void* slot : slots_) {
     const T* contribution = static_cast<const T*>(slot);
-    for (std::size_t i = 0; i < sum.size(); ++i) sum[i] += contribution[i];
+    for (std::size_t i = 0; i < data.size(); ++i) sum[i] += contribution[i];
   }
   barrier_.arrive_and_wait();  // everyone has read every contribution
-  std::copy(sum.begin(), sum.end(), data.begin());
+  std::copy_n(sum, data.size(), data.begin());
 }
 
 }  // namespace shardprop

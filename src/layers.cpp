@@ -1,6 +1,7 @@
 #include "shardprop/layers.hpp"
 
 #include <algorithm>
+#include <mutex>
 #include <type_traits>
 #include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/parallel_for.h>
@@ -48,6 +49,11 @@ template <class T>
 void gemm(Op op_a, Op op_b, const Strided<const T>& a, const Strided<const T>& b, T beta,
           const Strided<T>& c) {
 #ifdef SHARDPROP_USE_OPENBLAS
+  // Debian's serial OpenBLAS gave wrong products when two threads called it at once (seen
+  // in checkpoint_test's in-process ranks), so calls are serialized: the backend suits one
+  // thread per process. An uncontended lock costs nothing next to a product.
+  static std::mutex serial;
+  const std::lock_guard<std::mutex> lock(serial);
   // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ over the same memory.
   const int m = int(c.rows), n = int(c.cols);
   const int k = int(op_a == Op::none ? a.cols : a.rows);

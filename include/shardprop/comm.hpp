@@ -123,6 +123,7 @@ class LocalGroup {
   int size_;
   std::barrier<> barrier_;
   std::vector<const void*> slots_;
+  std::vector<std::vector<std::byte>> scratch_;  // per member; grows, never shrinks
   std::vector<std::unique_ptr<Member>> members_;
 };
 

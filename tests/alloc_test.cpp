@@ -1,0 +1,98 @@
+// The steady-state training step allocates nothing: every heap allocation of the process
+// (malloc, so operator new, Eigen's and oneTBB's allocations too) is counted while the
+// trainer takes steps after a warm-up.
+#include <gtest/gtest.h>
+#include <malloc.h>
+
+#include <atomic>
+#include <oneapi/tbb/global_control.h>
+
+#include "shardprop/train.hpp"
+#include "test_util.hpp"
+
+extern "C" void* __libc_malloc(std::size_t);
+extern "C" void* __libc_calloc(std::size_t, std::size_t);
+extern "C" void* __libc_realloc(void*, std::size_t);
+extern "C" void* __libc_memalign(std::size_t, std::size_t);
+
+namespace {
+std::atomic<long> allocations{0};
+std::atomic<bool> counting{false};
+void count() {
+  if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
+}
+}  // namespace
+
+extern "C" {
+void* malloc(std::size_t n) {
+  count();
+  return __libc_malloc(n);
+}
+void* calloc(std::size_t n, std::size_t size) {
+  count();
+  return __libc_calloc(n, size);
+}
+void* realloc(void* p, std::size_t n) {
+  count();
+  return __libc_realloc(p, n);
+}
+void* memalign(std::size_t align, std::size_t n) {
+  count();
+  return __libc_memalign(align, n);
+}
+void* aligned_alloc(std::size_t align, std::size_t n) {
+  count();
+  return __libc_memalign(align, n);
+}
+int posix_memalign(void** out, std::size_t align, std::size_t n) {
+  count();
+  *out = __libc_memalign(align, n);
+  return *out ? 0 : 12;
+}
+}
+
+namespace shardprop {
+namespace {
+
+void expect_no_allocation(const char* layers, std::size_t batch, int threads) {
+  const oneapi::tbb::global_control limit(oneapi::tbb::global_control::max_allowed_parallelism,
+                                          std::size_t(threads));
+  const Dataset data = testing::noisy_classes(600, 64, 10, 1.0);
+  TrainConfig config;
+  config.batch = batch;
+  LocalGroup one(1);
+  Trainer trainer(parse_model(layers, "xent"), config, one.member(0), data);
+  std::vector<std::uint32_t> order;
+  epoch_permutation(data.rows, 1, 0, order);
+  const auto step = [&](std::size_t k) {
+    trainer.step(std::span<const std::uint32_t>(order).subspan(k * batch % (data.rows - batch), batch));
+  };
+  for (std::size_t k = 0; k < 5; ++k) step(k);  // warm-up: workspaces, thread pools
+  allocations = 0;
+  counting = true;
+  for (std::size_t k = 5; k < 25; ++k) step(k);
+  counting = false;
+  EXPECT_EQ(allocations.load(), 0) << layers << " batch " << batch << ", " << threads << " threads";
+}
+
+TEST(Allocation, SteadyStateStepAllocatesNothing) {
+#ifndef SHARDPROP_USE_OPENBLAS
+  GTEST_SKIP() << "built with Eigen's GEMM, which allocates its blocking buffers per product";
+#endif
+  expect_no_allocation("64,32:relu,10:softmax", 16, 1);
+  expect_no_allocation("64,256:relu,256:tanh,10:softmax", 128, 1);
+  expect_no_allocation("64,256:relu,256:tanh,10:softmax", 128, 2);
+}
+
+// The counter works: it sees an allocation that happens.
+TEST(Allocation, CounterSeesAllocations) {
+  allocations = 0;
+  counting = true;
+  auto* p = new std::vector<int>(1000);
+  counting = false;
+  delete p;
+  EXPECT_GE(allocations.load(), 1);
+}
+
+}  // namespace
+}  // namespace shardprop
