@@ -193,8 +193,12 @@ void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, Matri
       c1 += p0;
       gemm<T>(Op::transpose, Op::none, whole(x), cols_of(delta, c0, c1 - c0), T(1),
               cols_of(dw, c0, c1 - c0));
-      db.segment(Eigen::Index(c0), Eigen::Index(c1 - c0)) +=
-          delta.middleCols(Eigen::Index(c0), Eigen::Index(c1 - c0)).colwise().sum();
+      // The summed bias rows, row by row: contiguous reads (a column sum of a row-major
+      // matrix would stride through memory).
+      auto sum = db.segment(Eigen::Index(c0), Eigen::Index(c1 - c0));
+      for (Eigen::Index r = 0; r < delta.rows(); ++r) {
+        sum += delta.row(r).segment(Eigen::Index(c0), Eigen::Index(c1 - c0));
+      }
     });
   };
   if (!progress) {
