@@ -47,11 +47,21 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
     times->compute += std::chrono::duration<double>(computed - start).count();
     times->allreduce += std::chrono::duration<double>(clock::now() - computed).count();
   }
-  const MinibatchStats stats{double(grad[n + kLossSum]), double(grad[n + kCorrect]),
-                             double(grad[n + kSamples])};
+  MinibatchStats stats{double(grad[n + kLossSum]), double(grad[n + kCorrect]),
+                       double(grad[n + kSamples])};
   SP_CHECK(stats.samples > 0, "global minibatch is empty");
+  // One pass per layer divides by the sample count and notices NaN or Inf: x·0 is 0 for
+  // every finite x and NaN otherwise, and the sum vectorizes where a branch would not.
   const T scale = T(1) / T(stats.samples);
-  for (std::size_t i = 0; i < n; ++i) grad[i] *= scale;
+  for (std::size_t l = 0; l < layout.layer_count(); ++l) {
+    const auto [begin, end] = layout.layer_range(l);
+    T probe = 0;
+    for (std::size_t i = begin; i < end; ++i) {
+      grad[i] *= scale;
+      probe += grad[i] * T(0);
+    }
+    if (probe != T(0) && stats.nonfinite_layer < 0) stats.nonfinite_layer = int(l);
+  }
   return stats;
 }
 
@@ -129,13 +139,8 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch) {
   const std::uint64_t step = state_.step + 1;
   SP_CHECK(std::isfinite(stats.loss_sum), "training diverged at step ", step, ": loss is ",
            stats.loss_sum / stats.samples);
-  for (std::size_t l = 0; l < layout().layer_count(); ++l) {
-    const auto [begin, end] = layout().layer_range(l);
-    for (std::size_t i = begin; i < end; ++i) {
-      SP_CHECK(std::isfinite(grad_[i]), "training diverged at step ", step,
-               ": non-finite gradient in layer ", l);
-    }
-  }
+  SP_CHECK(stats.nonfinite_layer < 0, "training diverged at step ", step,
+           ": non-finite gradient in layer ", stats.nonfinite_layer);
   optimizer_.set_lr(learning_rate(state_.step));
   optimizer_.step(params_, std::span<const float>(grad_).first(params_.size()));
   state_.step = step;

@@ -29,6 +29,7 @@ struct MinibatchStats {
   double loss_sum = 0;
   double correct = 0;
   double samples = 0;
+  int nonfinite_layer = -1;  // the first layer whose mean gradient holds NaN or Inf
 };
 
 // One rank's part of a global minibatch gradient: adds the gradient sums of this rank's
