@@ -140,8 +140,12 @@ Result run_case(Communicator& comm, const Workload& w, const Dataset& data, int 
   epoch_permutation(data.rows, 1, 0, order);
   const std::size_t batches = data.rows / w.batch;
   std::size_t next = 0;
-  const auto step = [&] {
-    trainer.step(std::span<const std::uint32_t>(order).subspan((next++ % batches) * w.batch, w.batch));
+  const auto batch = [&](std::size_t k) {
+    return std::span<const std::uint32_t>(order).subspan((k % batches) * w.batch, w.batch);
+  };
+  const auto step = [&] {  // as in training: the next batch is gathered during this step
+    trainer.step(batch(next), batch(next + 1));
+    ++next;
   };
   for (int i = 0; i < args.warmup; ++i) step();
   // Steps per window from a short calibration, agreed on by all ranks (rank 0's).

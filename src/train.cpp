@@ -16,7 +16,7 @@ template <class T>
 MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
                                          std::span<const T> params, ConstMatrixView<T> x,
                                          ConstMatrixView<T> y, std::span<T> grad,
-                                         StepTimes* times) {
+                                         StepTimes* times, LayerDone before_wait) {
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
   const Layout& layout = mlp.layout();
@@ -42,6 +42,7 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
   }
   comm.start_allreduce_sum(grad.subspan(n, kGradStats));
   const auto computed = clock::now();
+  before_wait(0);
   comm.wait_all();
   if (times) {
     times->compute += std::chrono::duration<double>(computed - start).count();
@@ -69,12 +70,12 @@ template MinibatchStats reduce_minibatch_gradient<float>(Mlp<float>&, Communicat
                                                          std::span<const float>,
                                                          ConstMatrixView<float>,
                                                          ConstMatrixView<float>,
-                                                         std::span<float>, StepTimes*);
+                                                         std::span<float>, StepTimes*, LayerDone);
 template MinibatchStats reduce_minibatch_gradient<double>(Mlp<double>&, Communicator&,
                                                           std::span<const double>,
                                                           ConstMatrixView<double>,
                                                           ConstMatrixView<double>,
-                                                          std::span<double>, StepTimes*);
+                                                          std::span<double>, StepTimes*, LayerDone);
 
 Trainer::Trainer(ModelSpec spec, TrainConfig config, Communicator& comm, const Dataset& train)
     : config_(config),
@@ -91,8 +92,10 @@ Trainer::Trainer(ModelSpec spec, TrainConfig config, Communicator& comm, const D
   params_.assign(n, 0.0f);
   grad_.assign(n + kGradStats, 0.0f);
   const std::size_t shard_rows = (config_.batch + std::size_t(comm_.size()) - 1) / std::size_t(comm_.size());
-  x_.resize(shard_rows * train_.cols);
-  y_.resize(shard_rows * spec_output());
+  for (int b = 0; b < 2; ++b) {
+    x_[b].resize(shard_rows * train_.cols);
+    y_[b].resize(shard_rows * spec_output());
+  }
   mlp_.reserve(std::max(shard_rows, config_.eval_batch));
   if (comm_.rank() == 0) init_params<float>(mlp_.spec(), mlp_.layout(), config_.seed, params_);
   comm_.broadcast_values(std::span<float>(params_), 0);
@@ -127,15 +130,34 @@ double Trainer::learning_rate(std::uint64_t step) const {
   return base * 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
 }
 
-MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch) {
+MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
+                             std::span<const std::uint32_t> next_batch) {
   const auto start = std::chrono::steady_clock::now();
   const std::size_t k = spec_output();
   const Range shard = shard_range(global_batch.size(), comm_.rank(), comm_.size());
   const auto rows = Eigen::Index(shard.size());
-  gather(train_, global_batch.subspan(shard.begin, shard.size()), k, x_.data(), y_.data());
+  const int now = current_;
+  const bool ready = prefetched_.data() == global_batch.data() &&
+                     prefetched_.size() == global_batch.size() && !global_batch.empty();
+  if (!ready) {
+    gather(train_, global_batch.subspan(shard.begin, shard.size()), k, x_[now].data(),
+           y_[now].data());
+  }
+  const auto prefetch = [&](std::size_t) {
+    const Range next = shard_range(next_batch.size(), comm_.rank(), comm_.size());
+    gather(train_, next_batch.subspan(next.begin, next.size()), k, x_[1 - now].data(),
+           y_[1 - now].data());
+  };
+  prefetched_ = {};
   const MinibatchStats stats = reduce_minibatch_gradient<float>(
-      mlp_, comm_, params_, ConstMatrixView<float>(x_.data(), rows, Eigen::Index(train_.cols)),
-      ConstMatrixView<float>(y_.data(), rows, Eigen::Index(k)), grad_, &times_);
+      mlp_, comm_, params_,
+      ConstMatrixView<float>(x_[now].data(), rows, Eigen::Index(train_.cols)),
+      ConstMatrixView<float>(y_[now].data(), rows, Eigen::Index(k)), grad_, &times_,
+      next_batch.empty() ? LayerDone() : LayerDone(prefetch));
+  if (!next_batch.empty()) {
+    prefetched_ = next_batch;
+    current_ = 1 - now;
+  }
   const std::uint64_t step = state_.step + 1;
   SP_CHECK(std::isfinite(stats.loss_sum), "training diverged at step ", step, ": loss is ",
            stats.loss_sum / stats.samples);
@@ -191,15 +213,21 @@ void Trainer::run(const Dataset* test, TrainObserver& observer) {
     if (order_epoch_ != state_.epoch) {
       epoch_permutation(train_.rows, config_.seed, state_.epoch, order_);
       order_epoch_ = state_.epoch;
+      prefetched_ = {};  // it pointed into the previous order
     }
     const auto start = clock::now();
     double loss = 0, correct = 0, samples = 0;
     bool ended = false;
     while (!ended && steps_left()) {
-      const std::size_t begin = state_.batch_in_epoch * config_.batch;
-      const std::size_t end = std::min(train_.rows, begin + config_.batch);
+      const auto batch = [&](std::uint64_t b) {
+        const std::size_t begin = b * config_.batch;
+        return std::span<const std::uint32_t>(order_).subspan(
+            begin, std::min(train_.rows, begin + config_.batch) - begin);
+      };
+      // The next batch of this epoch is gathered during this step's reductions.
+      const std::uint64_t b = state_.batch_in_epoch;
       const MinibatchStats s =
-          step(std::span<const std::uint32_t>(order_).subspan(begin, end - begin));
+          step(batch(b), b + 1 < batches ? batch(b + 1) : std::span<const std::uint32_t>());
       loss += s.loss_sum;
       correct += s.correct;
       samples += s.samples;

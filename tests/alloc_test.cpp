@@ -64,9 +64,10 @@ void expect_no_allocation(const char* layers, std::size_t batch, int threads) {
   Trainer trainer(parse_model(layers, "xent"), config, one.member(0), data);
   std::vector<std::uint32_t> order;
   epoch_permutation(data.rows, 1, 0, order);
-  const auto step = [&](std::size_t k) {
-    trainer.step(std::span<const std::uint32_t>(order).subspan(k * batch % (data.rows - batch), batch));
+  const auto rows = [&](std::size_t k) {
+    return std::span<const std::uint32_t>(order).subspan(k * batch % (data.rows - batch), batch);
   };
+  const auto step = [&](std::size_t k) { trainer.step(rows(k), rows(k + 1)); };
   for (std::size_t k = 0; k < 5; ++k) step(k);  // warm-up: workspaces, thread pools
   allocations = 0;
   counting = true;

@@ -68,5 +68,33 @@ TEST(Trainer, RejectsBatchesThatCannotBeSharded) {
   EXPECT_THROW(Trainer(parse_model("3,2", "xent"), config, one.member(0), data), Error);
 }
 
+// run() gathers each next batch during the current step's reductions; the result is the
+// same, bit for bit, as stepping through the same batches one gather at a time.
+TEST(Trainer, PrefetchingTheNextBatchChangesNothing) {
+  const Dataset data = testing::noisy_classes(57, 5, 3, 1.0);  // batches of 8: 7 full, 1 short
+  TrainConfig config;
+  config.batch = 8;
+  config.epochs = 2;
+  LocalGroup one(1);
+  const ModelSpec spec = parse_model("5,9:relu,3:softmax", "xent");
+  Trainer prefetching(spec, config, one.member(0), data);
+  TrainObserver quiet;
+  prefetching.run(nullptr, quiet);
+  Trainer plain(spec, config, one.member(0), data);
+  std::vector<std::uint32_t> order;
+  for (std::uint64_t epoch = 0; epoch < 2; ++epoch) {
+    epoch_permutation(data.rows, config.seed, epoch, order);
+    for (std::size_t begin = 0; begin < data.rows; begin += config.batch) {
+      plain.step(std::span<const std::uint32_t>(order).subspan(
+          begin, std::min(data.rows, begin + config.batch) - begin));
+    }
+  }
+  ASSERT_EQ(plain.state().step, prefetching.state().step);
+  EXPECT_TRUE(std::equal(plain.params().begin(), plain.params().end(),
+                         prefetching.params().begin()));
+  EXPECT_EQ(testing::max_relative_error<float>(plain.layout(), plain.params(),
+                                               prefetching.params()), 0.0);
+}
+
 }  // namespace
 }  // namespace shardprop

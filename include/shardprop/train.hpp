@@ -37,12 +37,13 @@ struct MinibatchStats {
 // (overlapping the reduction with the layers below), then the loss sum, correct count and
 // sample count, and divides by the global sample count. On return grad[0, n)
 // is the mean gradient of the global minibatch on every rank. `grad` has
-// layout.size() + kGradStats elements. Adds the time of its parts to `times` if given.
+// layout.size() + kGradStats elements. Adds the time of its parts to `times` if given, and
+// runs before_wait(0) once every reduction has started, before waiting for them.
 template <class T>
 MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
                                          std::span<const T> params, ConstMatrixView<T> x,
                                          ConstMatrixView<T> y, std::span<T> grad,
-                                         StepTimes* times = nullptr);
+                                         StepTimes* times = nullptr, LayerDone before_wait = {});
 
 struct TrainConfig {
   std::size_t batch = 256;         // global minibatch
@@ -102,8 +103,11 @@ class Trainer {
   // Trains from the current state until config.epochs, config.max_steps or
   // config.stop_at_step.
   void run(const Dataset* test, TrainObserver& observer);
-  // One optimizer step on the global minibatch `global_batch` (sample indices).
-  MinibatchStats step(std::span<const std::uint32_t> global_batch);
+  // One optimizer step on the global minibatch `global_batch` (sample indices). Given the
+  // next step's batch, this rank's rows of it are gathered into the other half of a double
+  // buffer while the gradient reductions run; it must be passed unchanged to the next call.
+  MinibatchStats step(std::span<const std::uint32_t> global_batch,
+                      std::span<const std::uint32_t> next_batch = {});
   // Loss and accuracy over a whole data set, each rank evaluating its slice.
   EvalStats evaluate(const Dataset& data);
 
@@ -135,7 +139,10 @@ class Trainer {
   Communicator& comm_;
   const Dataset& train_;
   Mlp<float> mlp_;
-  AlignedVector<float> params_, grad_, x_, y_;
+  AlignedVector<float> params_, grad_;
+  AlignedVector<float> x_[2], y_[2];  // this step's rows and the next one's
+  int current_ = 0;
+  std::span<const std::uint32_t> prefetched_;  // the batch gathered into x_[current_]
   Optimizer optimizer_;
   TrainState state_;
   std::vector<std::uint32_t> order_;
