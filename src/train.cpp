@@ -42,11 +42,12 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
   }
   comm.start_allreduce_sum(grad.subspan(n, kGradStats));
   const auto computed = clock::now();
-  before_wait(0);
+  before_wait(0);  // not counted as compute or wait: the step's rest
+  const auto waiting = clock::now();
   comm.wait_all();
   if (times) {
     times->compute += std::chrono::duration<double>(computed - start).count();
-    times->allreduce += std::chrono::duration<double>(clock::now() - computed).count();
+    times->allreduce += std::chrono::duration<double>(clock::now() - waiting).count();
   }
   MinibatchStats stats{double(grad[n + kLossSum]), double(grad[n + kCorrect]),
                        double(grad[n + kSamples])};
