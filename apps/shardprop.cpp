@@ -24,6 +24,7 @@
 #include "shardprop/comm.hpp"
 #include "shardprop/data.hpp"
 #include "shardprop/error.hpp"
+#include "shardprop/h5.hpp"
 #include "shardprop/train.hpp"
 
 namespace sp = shardprop;
@@ -137,6 +138,27 @@ std::string thousands(std::size_t n) {
   return s;
 }
 
+// An output file may replace only what this program wrote there before: `ours` tells
+// whether an existing file is such a file. Also checks that the directory exists, so a long
+// run does not fail at its end.
+void check_output(const std::string& flag, const std::string& path,
+                  const std::function<bool()>& ours) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path target(path);
+  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  SP_CHECK(fs::is_directory(dir, ec), flag, " ", path, ": directory ", dir.string(),
+           " does not exist");
+  if (!fs::exists(target, ec)) return;
+  bool replaceable = false;
+  try {
+    replaceable = fs::is_regular_file(target, ec) && ours();
+  } catch (const sp::Error&) {
+  }
+  SP_CHECK(replaceable, flag, " ", path, ": exists and is not a file this command writes; "
+           "not overwriting it");
+}
+
 std::string format_value(double v) {
   std::ostringstream out;
   out << v;
@@ -204,6 +226,9 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
              "--checkpoint-dir");
     SP_CHECK(args.resume != "auto" || !args.checkpoint_dir.empty(),
              "--resume auto needs --checkpoint-dir");
+    if (!args.save_path.empty() && comm.rank() == 0) {
+      check_output("--save", args.save_path, [&] { return sp::is_checkpoint_file(args.save_path); });
+    }
     spec = sp::parse_model(args.layers, args.loss);
     config.batch = args.batch;
     config.epochs = args.epochs;
@@ -421,6 +446,15 @@ int run_predict(const EvalArgs& args, sp::MpiComm& comm) {
     SP_CHECK(args.out_path.ends_with(".h5") || args.out_path.ends_with(".hdf5") ||
                  args.out_path.ends_with(".csv"),
              "--out ", args.out_path, ": name a .h5 or .csv file");
+    check_output("--out", args.out_path, [&] {
+      if (args.out_path.ends_with(".csv")) {
+        std::ifstream in(args.out_path);
+        std::string header;
+        return std::getline(in, header) && header.rfind("prediction", 0) == 0;
+      }
+      sp::h5::Handle file = sp::h5::open_file(args.out_path);
+      return sp::h5::has_link(file.get(), "predictions");
+    });
     const sp::Checkpoint model = sp::load_checkpoint(args.model_path);
     const sp::Dataset data = sp::read_dataset(args.data_path, false);
     sp::check_fits(data, model.spec, args.data_path);

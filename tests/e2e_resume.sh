@@ -103,6 +103,18 @@ expect_fail "need --checkpoint-dir" train --train "$work/train.h5" --layers 10,4
 expect_fail "--out $work/p.txt: name a .h5 or .csv file" predict --checkpoint "$work/again2.h5" --data "$work/test.h5" --out "$work/p.txt"
 test "$before" = "$(ls -l --time-style=+%s.%N "$work/ck" | md5sum)"
 
+# Outputs never replace a file they did not write: not the training set, not the test set.
+data_sum=$(md5sum "$work/train.h5" "$work/test.h5")
+expect_fail "--save $work/train.h5: exists and is not a file this command writes; not overwriting it" \
+  train --train "$work/train.h5" --layers 10,4 --save "$work/train.h5"
+expect_fail "--out $work/test.h5: exists and is not a file this command writes" \
+  predict --checkpoint "$work/again2.h5" --data "$work/test.h5" --out "$work/test.h5"
+expect_fail "--save $work/nodir/m.h5: directory $work/nodir does not exist" \
+  train --train "$work/train.h5" --layers 10,4 --save "$work/nodir/m.h5"
+test "$data_sum" = "$(md5sum "$work/train.h5" "$work/test.h5")"
+# ... while their own files are replaced.
+"$shardprop" predict --checkpoint "$work/again2.h5" --data "$work/test.h5" --out "$work/p.h5" > /dev/null
+
 # SIGKILL: every rank of a run that checkpoints every 5 steps is killed once at least two
 # checkpoints exist; the newest verifies and 3 ranks finish the run from it.
 slow=(--train "$work/train.h5" --layers 10,256:relu,256:relu,4:softmax --batch 48 --epochs 6
