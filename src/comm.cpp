@@ -27,6 +27,7 @@ MpiComm::MpiComm(MPI_Comm parent) {
   check_mpi(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
   check_mpi(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
   check_mpi(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
+  pending_.reserve(64);  // one request per layer: no allocation in steady state
   MPI_Comm node = MPI_COMM_NULL;
   check_mpi(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node),
             "MPI_Comm_split_type");
@@ -69,7 +70,6 @@ void MpiComm::allreduce_sum(std::span<double> data) {
 }
 
 void MpiComm::start(void* data, std::size_t count, MPI_Datatype type) {
-  if (pending_.capacity() == 0) pending_.reserve(64);  // no allocation in steady state
   MPI_Request request = MPI_REQUEST_NULL;
   check_mpi(MPI_Iallreduce(MPI_IN_PLACE, data, checked_count(count, "MPI_Iallreduce"), type,
                            MPI_SUM, comm_, &request),

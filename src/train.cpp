@@ -32,8 +32,10 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
     comm.progress();
   };
   if (x.rows() > 0) {
+    // Progress calls split each dW into parts; alone there is nothing to make progress on.
     const auto progress = [&](std::size_t) { comm.progress(); };
-    const LossSums sums = mlp.forward_backward(params, x, y, grad.first(n), reduce_layer, progress);
+    const LossSums sums = mlp.forward_backward(params, x, y, grad.first(n), reduce_layer,
+                                               comm.size() > 1 ? LayerDone(progress) : LayerDone());
     grad[n + kLossSum] = T(sums.loss);
     grad[n + kCorrect] = T(sums.correct);
     grad[n + kSamples] = T(x.rows());
