@@ -83,26 +83,14 @@ bool same_bits(const AlignedVector<float>& a, const AlignedVector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
-class CheckpointTest : public ::testing::Test {
+class CheckpointTest : public testing::TempDirTest {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("shardprop_ckpt_test_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-
   // A checkpoint of a short Adam run stopped mid-epoch.
   Checkpoint trained() const {
     TrainConfig config = config_for(OptimizerKind::adam);
     config.stop_at_step = 7;
     return train_on(1, config);
   }
-
-  fs::path dir_;
 };
 
 TEST_F(CheckpointTest, RoundTripIsBitwise) {
@@ -249,21 +237,23 @@ TEST_F(CheckpointTest, DamagedFilesEachGiveTheirOwnError) {
   expect_error([&] { load_checkpoint(flipped); }, "flipped.h5: checksum mismatch");
   EXPECT_NO_THROW(load_checkpoint(flipped, false));
 
-  const std::string version = copy("version.h5");
-  set_root_attr(version, "format_version", 99);
-  expect_error([&] { load_checkpoint(version); }, "version.h5: format_version 99 is not supported");
-
-  const std::string position = copy("position.h5");
-  set_root_attr(position, "batch_in_epoch", 11);
-  expect_error([&] { load_checkpoint(position); }, "batch_in_epoch 11 is past the end of an epoch of 11");
-
-  const std::string steps = copy("steps.h5");
-  set_root_attr(steps, "step", 8);
-  expect_error([&] { load_checkpoint(steps); }, "optimizer steps 7 differ from the global step 8");
-
-  const std::string rng = copy("rng.h5");
-  set_root_attr(rng, "epoch", 2);
-  expect_error([&] { load_checkpoint(rng); }, "/rng/epoch_order does not match seed 5 and epoch 2");
+  // One root attribute rewritten: another version, or a training state that contradicts
+  // itself.
+  const struct {
+    const char *file, *attribute;
+    std::int64_t value;
+    const char* error;
+  } rewritten[] = {
+      {"version.h5", "format_version", 99, "version.h5: format_version 99 is not supported"},
+      {"position.h5", "batch_in_epoch", 11, "batch_in_epoch 11 is past the end of an epoch of 11"},
+      {"steps.h5", "step", 8, "optimizer steps 7 differ from the global step 8"},
+      {"rng.h5", "epoch", 2, "/rng/epoch_order does not match seed 5 and epoch 2"},
+  };
+  for (const auto& r : rewritten) {
+    const std::string file = copy(r.file);
+    set_root_attr(file, r.attribute, r.value);
+    expect_error([&] { load_checkpoint(file); }, r.error);
+  }
 }
 
 TEST_F(CheckpointTest, ArchitectureInTheFileMustMatchTheShapes) {

@@ -16,17 +16,8 @@ namespace {
 namespace fs = std::filesystem;
 using testing::expect_error;
 
-class DataTest : public ::testing::Test {
+class DataTest : public testing::TempDirTest {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("shardprop_data_test_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-
   // Writes an unsigned-byte IDX file with the given dimensions, gzip'd or plain.
   void write_idx(const std::string& file, const std::vector<std::uint32_t>& dims,
                  const std::vector<std::uint8_t>& payload, bool gz) {
@@ -46,7 +37,6 @@ class DataTest : public ::testing::Test {
     }
   }
 
-  fs::path dir_;
 };
 
 TEST_F(DataTest, IdxGzipAndPlainReadAlikeWithPixelsScaled) {
