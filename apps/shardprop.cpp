@@ -159,6 +159,15 @@ void check_output(const std::string& flag, const std::string& path,
            "not overwriting it");
 }
 
+// The start of the "optimizer" line of train's header and of info: kind, base rate,
+// schedule and (for SGD) momentum; callers finish the line.
+void print_optimizer(const sp::TrainConfig& t) {
+  const sp::OptimizerConfig& o = t.optimizer;
+  std::printf("  optimizer  %s lr %g%s", std::string(sp::to_string(o.kind)).c_str(), o.lr,
+              t.cosine_schedule ? " (cosine decay)" : "");
+  if (o.kind == sp::OptimizerKind::sgd) std::printf(" momentum %g", o.momentum);
+}
+
 std::string format_value(double v) {
   std::ostringstream out;
   out << v;
@@ -320,9 +329,7 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
                 config.batch, config.batch / std::size_t(comm.size()),
                 (config.batch + std::size_t(comm.size()) - 1) / std::size_t(comm.size()),
                 trainer->batches_per_epoch(), config.epochs);
-    std::printf("  optimizer  %s lr %g%s", std::string(sp::to_string(opt.kind)).c_str(), opt.lr,
-                config.cosine_schedule ? " (cosine decay)" : "");
-    if (opt.kind == sp::OptimizerKind::sgd) std::printf(" momentum %g", opt.momentum);
+    print_optimizer(config);
     if (opt.weight_decay > 0) std::printf(" weight_decay %g", opt.weight_decay);
     std::printf(", seed %llu\n", (unsigned long long)config.seed);
     if (resuming) {
@@ -541,9 +548,7 @@ int run_info(const std::string& path, const sp::MpiComm& comm) {
                 (unsigned long long)c.state.step, (unsigned long long)c.state.epoch + 1, t.epochs,
                 (unsigned long long)c.state.batch_in_epoch, batches);
   }
-  std::printf("  optimizer  %s lr %g%s", std::string(sp::to_string(o.kind)).c_str(), o.lr,
-              t.cosine_schedule ? " (cosine decay)" : "");
-  if (o.kind == sp::OptimizerKind::sgd) std::printf(" momentum %g", o.momentum);
+  print_optimizer(t);
   if (o.kind == sp::OptimizerKind::adam) std::printf(" beta1 %g beta2 %g eps %g", o.beta1, o.beta2, o.eps);
   std::printf(" weight_decay %g, %llu steps of state\n", o.weight_decay,
               (unsigned long long)c.optimizer_steps);
