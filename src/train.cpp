@@ -133,6 +133,27 @@ double Trainer::learning_rate(std::uint64_t step) const {
   return base * 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
 }
 
+void Trainer::diverged(std::uint64_t step, const MinibatchStats& stats) const {
+  // The statistics are reduced, so every rank sees the same values and stops here
+  // together; rank 0 reports. The parameters are still those of the previous step.
+  std::string where;
+  if (stats.nonfinite_layer >= 0) {
+    const LayerSpec& layer = mlp_.spec().layers[std::size_t(stats.nonfinite_layer)];
+    where = detail::concat("non-finite gradient in layer ", stats.nonfinite_layer + 1, " of ",
+                           mlp_.spec().layers.size(), " (", layer.in, "->", layer.out, " ",
+                           to_string(layer.activation), ")");
+  } else {
+    where = "every gradient is finite";
+  }
+  const double loss = stats.loss_sum / stats.samples;
+  throw CollectiveFailure(detail::concat("training diverged at step ", step, ": loss is ",
+                                         std::isnan(loss) ? std::string("NaN")
+                                                          : detail::concat(loss),
+                                         ", ", where,
+                                         "; try a smaller --lr"),
+                          comm_.rank() == 0);
+}
+
 MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
                              std::span<const std::uint32_t> next_batch) {
   const auto start = std::chrono::steady_clock::now();
@@ -162,10 +183,7 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
     current_ = 1 - now;
   }
   const std::uint64_t step = state_.step + 1;
-  SP_CHECK(std::isfinite(stats.loss_sum), "training diverged at step ", step, ": loss is ",
-           stats.loss_sum / stats.samples);
-  SP_CHECK(stats.nonfinite_layer < 0, "training diverged at step ", step,
-           ": non-finite gradient in layer ", stats.nonfinite_layer);
+  if (stats.nonfinite_layer >= 0 || !std::isfinite(stats.loss_sum)) diverged(step, stats);
   optimizer_.set_lr(learning_rate(state_.step));
   optimizer_.step(params_, std::span<const float>(grad_).first(params_.size()));
   state_.step = step;

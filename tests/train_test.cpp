@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <numbers>
+#include <thread>
 
 #include "test_util.hpp"
 
@@ -94,6 +95,47 @@ TEST(Trainer, PrefetchingTheNextBatchChangesNothing) {
                          prefetching.params().begin()));
   EXPECT_EQ(testing::max_relative_error<float>(plain.layout(), plain.params(),
                                                prefetching.params()), 0.0);
+}
+
+// A step whose loss or gradient is NaN or Inf stops every rank with one report (rank 0's)
+// that names the step and the layer, and leaves the parameters of the last good step.
+TEST(Trainer, DivergenceStopsEveryRankAndNamesStepAndLayer) {
+  const Dataset data = testing::noisy_classes(40, 3, 2, 1.0);
+  TrainConfig config;
+  config.batch = 10;
+  config.optimizer.lr = 1e30;  // the first step is finite; its update overflows the next one
+  LocalGroup group(2);
+  std::string reports[2];
+  std::uint64_t steps[2] = {0, 0};
+  bool unchanged[2] = {false, false};
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < 2; ++r) {
+    ranks.emplace_back([&, r] {
+      Trainer trainer(parse_model("3,4:relu,2:softmax", "xent"), config, group.member(r), data);
+      std::vector<std::uint32_t> order;
+      epoch_permutation(data.rows, config.seed, 0, order);
+      std::vector<float> good;
+      try {
+        for (std::size_t begin = 0; begin < data.rows; begin += config.batch) {
+          good.assign(trainer.params().begin(), trainer.params().end());
+          trainer.step(std::span<const std::uint32_t>(order).subspan(begin, config.batch));
+        }
+      } catch (const CollectiveFailure& failure) {
+        if (failure.reports()) reports[r] = failure.what();
+        steps[r] = trainer.state().step;
+        unchanged[r] = std::equal(good.begin(), good.end(), trainer.params().begin());
+      }
+    });
+  }
+  for (auto& t : ranks) t.join();
+  EXPECT_EQ(steps[0], 1u);  // step 2 diverged, step 1 stands
+  EXPECT_EQ(steps[1], 1u);
+  EXPECT_TRUE(unchanged[0]);
+  EXPECT_TRUE(unchanged[1]);
+  EXPECT_TRUE(reports[1].empty()) << reports[1];
+  EXPECT_NE(reports[0].find("training diverged at step 2: loss is "), std::string::npos)
+      << reports[0];
+  EXPECT_NE(reports[0].find("non-finite gradient in layer "), std::string::npos) << reports[0];
 }
 
 }  // namespace

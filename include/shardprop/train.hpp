@@ -106,6 +106,8 @@ class Trainer {
   // One optimizer step on the global minibatch `global_batch` (sample indices). Given the
   // next step's batch, this rank's rows of it are gathered into the other half of a double
   // buffer while the gradient reductions run; it must be passed unchanged to the next call.
+  // If the loss or a layer's mean gradient is NaN or Inf, every rank throws
+  // CollectiveFailure naming the step and layer, and the parameters are left unchanged.
   MinibatchStats step(std::span<const std::uint32_t> global_batch,
                       std::span<const std::uint32_t> next_batch = {});
   // Loss and accuracy over a whole data set, each rank evaluating its slice.
@@ -132,6 +134,7 @@ class Trainer {
   bool steps_left() const;
 
  private:
+  [[noreturn]] void diverged(std::uint64_t step, const MinibatchStats& stats) const;
   void check_agreement();
   std::size_t spec_output() const;
 
