@@ -676,6 +676,15 @@ int main(int argc, char** argv) {
   bench->add_option("--warmup", bn.warmup, "Untimed steps before timing")
       ->check(number_above(0, true))->capture_default_str();
 
+  // Every subcommand that runs collectives gives up on a rank that stops answering.
+  double collective_timeout = 300;
+  for (CLI::App* sub : {train, eval, predict}) {
+    sub->add_option("--collective-timeout", collective_timeout,
+                    "Seconds a collective may wait for the other ranks before the job is "
+                    "aborted (a rank stopped or hung); 0 waits forever")
+        ->check(number_above(0, true))->capture_default_str();
+  }
+
   std::string info_path;
   CLI::App* info = app.add_subcommand("info", "Describe a data set or a checkpoint (and verify it)");
   info->add_option("file", info_path, "HDF5 data set, checkpoint or model file")->required();
@@ -703,6 +712,7 @@ int main(int argc, char** argv) {
   int status = 0;
   try {
     sp::MpiComm comm(MPI_COMM_WORLD);
+    comm.set_timeout(collective_timeout);
     if (train->parsed()) {
       status = run_train(t, comm);
     } else if (eval->parsed()) {

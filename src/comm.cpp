@@ -1,7 +1,9 @@
 #include "shardprop/comm.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
+#include <cmath>
 #include <cstring>
 #include <utility>
 
@@ -40,6 +42,7 @@ MpiComm::MpiComm(MPI_Comm parent) {
 MpiComm::MpiComm(MpiComm&& other) noexcept
     : comm_(std::exchange(other.comm_, MPI_COMM_NULL)),
       pending_(std::move(other.pending_)),
+      timeout_s_(other.timeout_s_),
       rank_(other.rank_),
       size_(other.size_),
       ranks_on_node_(other.ranks_on_node_) {}
@@ -47,6 +50,7 @@ MpiComm::MpiComm(MpiComm&& other) noexcept
 MpiComm& MpiComm::operator=(MpiComm&& other) noexcept {
   comm_ = std::exchange(other.comm_, MPI_COMM_NULL);
   pending_ = std::move(other.pending_);
+  timeout_s_ = other.timeout_s_;
   rank_ = other.rank_;
   size_ = other.size_;
   ranks_on_node_ = other.ranks_on_node_;
@@ -57,16 +61,60 @@ void MpiComm::free() {
   if (comm_ != MPI_COMM_NULL) check_mpi(MPI_Comm_free(&comm_), "MPI_Comm_free");
 }
 
+void MpiComm::set_timeout(double seconds) {
+  SP_CHECK(seconds >= 0 && std::isfinite(seconds), "collective timeout must be 0 or positive, got ",
+           seconds);
+  timeout_s_ = seconds;
+}
+
+void MpiComm::complete(std::span<MPI_Request> requests, const char* what) {
+  if (timeout_s_ <= 0) {
+    check_mpi(MPI_Waitall(int(requests.size()), requests.data(), MPI_STATUSES_IGNORE), what);
+    return;
+  }
+  // MPI_Waitall cannot give up, so poll; MPI_Testall drives progress as MPI_Waitall would
+  // (and yields when Open MPI is told to).
+  using clock = std::chrono::steady_clock;
+  const auto deadline = clock::now() + std::chrono::duration<double>(timeout_s_);
+  for (;;) {
+    int done = 0;
+    check_mpi(MPI_Testall(int(requests.size()), requests.data(), &done, MPI_STATUSES_IGNORE),
+              what);
+    if (done) return;
+    if (clock::now() > deadline) {
+      throw CollectiveTimeout(
+          detail::concat(what, " did not complete on every rank within ", timeout_s_,
+                         " s (--collective-timeout): a rank is stopped, hung or lost"),
+          __FILE__, __LINE__);
+    }
+  }
+}
+
+template <class Start>
+void MpiComm::run(const char* what, Start&& start) {
+  if (timeout_s_ <= 0) {  // the blocking call, as MPI implements it
+    check_mpi(start(nullptr), what);
+    return;
+  }
+  MPI_Request request = MPI_REQUEST_NULL;
+  check_mpi(start(&request), what);
+  complete(std::span<MPI_Request>(&request, 1), what);
+}
+
 void MpiComm::allreduce_sum(std::span<float> data) {
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, data.data(), checked_count(data.size(), "MPI_Allreduce"),
-                          MPI_FLOAT, MPI_SUM, comm_),
-            "MPI_Allreduce");
+  const int n = checked_count(data.size(), "MPI_Allreduce");
+  run("MPI_Allreduce", [&](MPI_Request* r) {
+    return r ? MPI_Iallreduce(MPI_IN_PLACE, data.data(), n, MPI_FLOAT, MPI_SUM, comm_, r)
+             : MPI_Allreduce(MPI_IN_PLACE, data.data(), n, MPI_FLOAT, MPI_SUM, comm_);
+  });
 }
 
 void MpiComm::allreduce_sum(std::span<double> data) {
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, data.data(), checked_count(data.size(), "MPI_Allreduce"),
-                          MPI_DOUBLE, MPI_SUM, comm_),
-            "MPI_Allreduce");
+  const int n = checked_count(data.size(), "MPI_Allreduce");
+  run("MPI_Allreduce", [&](MPI_Request* r) {
+    return r ? MPI_Iallreduce(MPI_IN_PLACE, data.data(), n, MPI_DOUBLE, MPI_SUM, comm_, r)
+             : MPI_Allreduce(MPI_IN_PLACE, data.data(), n, MPI_DOUBLE, MPI_SUM, comm_);
+  });
 }
 
 void MpiComm::start(void* data, std::size_t count, MPI_Datatype type) {
@@ -94,19 +142,29 @@ void MpiComm::progress() {
 
 void MpiComm::wait_all() {
   if (pending_.empty()) return;
-  const int rc = MPI_Waitall(int(pending_.size()), pending_.data(), MPI_STATUSES_IGNORE);
+  try {
+    complete(pending_, "MPI_Iallreduce of the gradient");
+  } catch (...) {  // the requests are abandoned to MPI_Abort or MPI_Finalize
+    pending_.clear();
+    throw;
+  }
   pending_.clear();
-  check_mpi(rc, "MPI_Waitall");
 }
 
 std::int64_t MpiComm::allreduce_max(std::int64_t value) {
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_INT64_T, MPI_MAX, comm_), "MPI_Allreduce");
+  run("MPI_Allreduce", [&](MPI_Request* r) {
+    return r ? MPI_Iallreduce(MPI_IN_PLACE, &value, 1, MPI_INT64_T, MPI_MAX, comm_, r)
+             : MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_INT64_T, MPI_MAX, comm_);
+  });
   return value;
 }
 
 void MpiComm::broadcast(std::span<std::byte> data, int root) {
-  check_mpi(MPI_Bcast(data.data(), checked_count(data.size(), "MPI_Bcast"), MPI_BYTE, root, comm_),
-            "MPI_Bcast");
+  const int n = checked_count(data.size(), "MPI_Bcast");
+  run("MPI_Bcast", [&](MPI_Request* r) {
+    return r ? MPI_Ibcast(data.data(), n, MPI_BYTE, root, comm_, r)
+             : MPI_Bcast(data.data(), n, MPI_BYTE, root, comm_);
+  });
 }
 
 class LocalGroup::Member final : public Communicator {

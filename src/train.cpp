@@ -133,6 +133,19 @@ double Trainer::learning_rate(std::uint64_t step) const {
   return base * 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
 }
 
+namespace {
+// Runs fn; a collective that times out inside it is reported with the training step.
+template <class Fn>
+auto naming_step(std::uint64_t step, const char* what, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const CollectiveTimeout& timeout) {
+    throw CollectiveTimeout(detail::concat(what, step, ": ", timeout.message()), __FILE__,
+                            __LINE__);
+  }
+}
+}  // namespace
+
 void Trainer::diverged(std::uint64_t step, const MinibatchStats& stats) const {
   // The statistics are reduced, so every rank sees the same values and stops here
   // together; rank 0 reports. The parameters are still those of the previous step.
@@ -173,11 +186,13 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
            y_[1 - now].data());
   };
   prefetched_ = {};
-  const MinibatchStats stats = reduce_minibatch_gradient<float>(
-      mlp_, comm_, params_,
-      ConstMatrixView<float>(x_[now].data(), rows, Eigen::Index(train_.cols)),
-      ConstMatrixView<float>(y_[now].data(), rows, Eigen::Index(k)), grad_, &times_,
-      next_batch.empty() ? LayerDone() : LayerDone(prefetch));
+  const MinibatchStats stats = naming_step(state_.step + 1, "step ", [&] {
+    return reduce_minibatch_gradient<float>(
+        mlp_, comm_, params_,
+        ConstMatrixView<float>(x_[now].data(), rows, Eigen::Index(train_.cols)),
+        ConstMatrixView<float>(y_[now].data(), rows, Eigen::Index(k)), grad_, &times_,
+        next_batch.empty() ? LayerDone() : LayerDone(prefetch));
+  });
   if (!next_batch.empty()) {
     prefetched_ = next_batch;
     current_ = 1 - now;
@@ -217,7 +232,9 @@ EvalStats evaluate_dataset(Mlp<float>& mlp, Communicator& comm, std::span<const 
 }
 
 EvalStats Trainer::evaluate(const Dataset& data) {
-  return evaluate_dataset(mlp_, comm_, params_, data, config_.eval_batch);
+  return naming_step(state_.step, "evaluation after step ", [&] {
+    return evaluate_dataset(mlp_, comm_, params_, data, config_.eval_batch);
+  });
 }
 
 bool Trainer::steps_left() const {

@@ -5,6 +5,10 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <array>
+#include <chrono>
+#include <thread>
+
 #include "shardprop/comm.hpp"
 #include "shardprop/train.hpp"
 #include "test_util.hpp"
@@ -76,6 +80,43 @@ TEST(Mpi, ParametersStayIdenticalOnAllRanksAndMatchOneRank) {
   const EvalStats e1 = single.evaluate(data);
   EXPECT_EQ(e.samples, 101u);
   EXPECT_NEAR(e.loss, e1.loss, 1e-4);
+}
+
+// A rank that does not join a collective in time makes the waiting ranks throw
+// CollectiveTimeout after the timeout, not hang. The late rank then completes the abandoned
+// collective alone (the others' requests still progress inside the barrier), so the test
+// can end cleanly; the buffers are static because the abandoned requests still write them.
+TEST(Mpi, CollectiveTimeoutGivesUpOnALateRank) {
+  MpiComm comm(MPI_COMM_WORLD);
+  const bool late = comm.rank() == comm.size() - 1;
+  // Blocking and nonblocking collectives do not match each other, so the late rank also
+  // uses a timeout (a long one).
+  comm.set_timeout(late ? 60.0 : 0.3);
+  static std::array<float, 1000> data;
+  data.fill(1.0f);
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
+  if (late) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    comm.allreduce_sum(std::span<float>(data));
+  } else {
+    try {
+      comm.allreduce_sum(std::span<float>(data));
+      ADD_FAILURE() << "rank " << comm.rank() << ": no timeout";
+    } catch (const CollectiveTimeout& e) {
+      const double waited = std::chrono::duration<double>(clock::now() - start).count();
+      EXPECT_GE(waited, 0.3);
+      EXPECT_LT(waited, 1.4);
+      EXPECT_NE(e.message().find("MPI_Allreduce did not complete on every rank within 0.3 s"),
+                std::string::npos)
+          << e.message();
+    }
+  }
+  ASSERT_EQ(MPI_Barrier(MPI_COMM_WORLD), MPI_SUCCESS);
+  if (late) {
+    EXPECT_EQ(data[0], float(comm.size()));
+  }
+  comm.free();
 }
 
 }  // namespace

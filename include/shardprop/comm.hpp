@@ -80,6 +80,11 @@ class MpiComm final : public Communicator {
 
   // Collective: releases the duplicate.
   void free();
+  // From now on every collective that has not completed `seconds` after it started throws
+  // CollectiveTimeout on this rank (a rank may be stopped or hung); 0 waits forever. With
+  // a timeout, collectives are the nonblocking kind, which never match blocking ones, so
+  // every rank must either set one or not.
+  void set_timeout(double seconds);
   MPI_Comm get() const { return comm_; }
   // How many ranks of this communicator share this rank's node.
   int ranks_on_node() const { return ranks_on_node_; }
@@ -99,9 +104,15 @@ class MpiComm final : public Communicator {
 
  private:
   void start(void* data, std::size_t count, MPI_Datatype type);
+  // Waits for `requests`, or throws CollectiveTimeout once the timeout has passed.
+  void complete(std::span<MPI_Request> requests, const char* what);
+  // A blocking collective: started by `start` (an MPI_I... call) and completed.
+  template <class Start>
+  void run(const char* what, Start&& start);
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::vector<MPI_Request> pending_;
+  double timeout_s_ = 0;
   int rank_ = 0, size_ = 1, ranks_on_node_ = 1;
 };
 

@@ -35,6 +35,14 @@ class CollectiveFailure : public std::runtime_error {
   bool reports_;
 };
 
+// A collective that did not complete within the communicator's timeout: some rank is
+// stopped, hung or gone. The other ranks may still wait inside it, so only MPI_Abort can
+// end the job.
+class CollectiveTimeout : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 template <class... Args>
 std::string concat(Args&&... args) {
