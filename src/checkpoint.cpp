@@ -254,8 +254,7 @@ void write_file(const std::string& path, const Checkpoint& c) {
                       order.state().data());
     rng.close("closing /rng");
   }
-  h5::check(H5Fflush(root, H5F_SCOPE_GLOBAL), "flushing " + path);
-  file.close("writing " + path);
+  h5::store(file, path);
 }
 
 void read_training_state(hid_t file, const std::string& path, const Layout& layout,

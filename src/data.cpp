@@ -95,7 +95,7 @@ void write_dataset(const std::string& path, const Dataset& data) {
     h5::write_dataset(file.get(), "targets", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
                       {data.rows, data.target_cols}, data.targets.data());
   }
-  file.close("writing " + path);
+  h5::store(file, path);
 }
 
 void write_predictions(const std::string& path, std::span<const std::int32_t> predictions,
@@ -109,7 +109,7 @@ void write_predictions(const std::string& path, std::span<const std::int32_t> pr
                       predictions.data());
     h5::write_dataset(file.get(), "outputs", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, {n, k},
                       outputs.data());
-    file.close("writing " + path);
+    h5::store(file, path);
     return;
   }
   SP_CHECK(path.ends_with(".csv"), "--out ", path, ": name a .h5 or .csv file");

@@ -1,6 +1,12 @@
 #include "shardprop/h5.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
+#include <vector>
 
 #include "shardprop/error.hpp"
 
@@ -49,8 +55,37 @@ Handle open_file(const std::string& path) {
 
 Handle create_file(const std::string& path) {
   quiet_errors();
-  return Handle(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose,
+  Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose, "creating file access properties");
+  check(H5Pset_fapl_core(fapl.get(), 1 << 20, /*backing_store=*/false),
+        "selecting the in-memory driver for " + path);
+  return Handle(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose,
                 "creating " + path);
+}
+
+void store(Handle& file, const std::string& path) {
+  check(H5Fflush(file.get(), H5F_SCOPE_GLOBAL), "flushing " + path);
+  const ssize_t size = H5Fget_file_image(file.get(), nullptr, 0);
+  SP_CHECK(size > 0, path, ": HDF5 could not size the file image");
+  std::vector<std::byte> image(static_cast<std::size_t>(size));
+  SP_CHECK(H5Fget_file_image(file.get(), image.data(), image.size()) == size, path,
+           ": HDF5 could not copy the file image");
+  file.close("closing " + path);
+
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  SP_CHECK(fd >= 0, path, ": cannot create: ", std::strerror(errno));
+  std::size_t done = 0;
+  int err = 0;
+  while (done < image.size()) {
+    const ssize_t n = ::write(fd, image.data() + done, image.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      err = n < 0 ? errno : EIO;
+      break;
+    }
+    done += std::size_t(n);
+  }
+  if (::close(fd) != 0 && err == 0) err = errno;  // NFS may report write errors here
+  SP_CHECK(err == 0, path, ": write failed: ", std::strerror(err));
 }
 
 bool has_link(hid_t where, const std::string& name) {

@@ -40,8 +40,12 @@ class Handle {
 
 // Opens an existing file read-only; distinct errors for a missing file and a non-HDF5 file.
 Handle open_file(const std::string& path);
-// Creates (truncates) a file for writing.
+// Creates a file in memory, named `path` in messages; nothing reaches the disk until
+// store().
 Handle create_file(const std::string& path);
+// Flushes and closes `file` and writes its bytes to `path` with POSIX calls, so a failure
+// names its cause (a full disk says "No space left on device"). Replaces `path`.
+void store(Handle& file, const std::string& path);
 bool has_link(hid_t where, const std::string& name);
 Handle open_dataset(hid_t file, const std::string& name, const std::string& file_name);
 
