@@ -259,7 +259,16 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
   bool resuming = !args.resume.empty();
   sp::collective_check(comm, [&] {
     if (!speak) return;
-    if (!args.checkpoint_dir.empty()) checkpoints.emplace(args.checkpoint_dir, args.keep_checkpoints);
+    if (!args.checkpoint_dir.empty()) {
+      checkpoints.emplace(args.checkpoint_dir, args.keep_checkpoints);
+      // A new run would mix its files with another run's and prune them.
+      const std::vector<std::string> existing = sp::list_checkpoints(args.checkpoint_dir);
+      SP_CHECK(resuming || existing.empty(), "--checkpoint-dir ", args.checkpoint_dir,
+               " already holds checkpoints (newest ",
+               std::filesystem::path(existing.empty() ? "" : existing.front()).filename().string(),
+               "): pass --resume ", args.checkpoint_dir, " (or auto) to continue that run, or "
+               "choose an empty directory");
+    }
     if (args.resume == "auto") {
       resuming = !sp::list_checkpoints(args.checkpoint_dir).empty();
       if (!resuming) std::printf("no checkpoint in %s yet: starting a new run\n", args.checkpoint_dir.c_str());

@@ -21,6 +21,8 @@ for part in train:train t10k:test; do
   fi
 done
 
+# Every demo run is a new run: the previous run's checkpoints (the demo's own output) go.
+rm -rf "$build/fashion-mnist-checkpoints"
 progress=never
 [ -t 1 ] && progress=always
 "$root/scripts/mpirun.sh" "${RANKS:-2}" "$build/apps/shardprop" train \
