@@ -698,6 +698,23 @@ int main(int argc, char** argv) {
   CLI::App* info = app.add_subcommand("info", "Describe a data set or a checkpoint (and verify it)");
   info->add_option("file", info_path, "HDF5 data set, checkpoint or model file")->required();
 
+  // CLI11 would only say that a subcommand is required.
+  if (argc > 1 && argv[1][0] != '-') {
+    std::string names;
+    bool known = false;
+    for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; })) {
+      known |= sub->get_name() == argv[1];
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+    }
+    if (!known) {
+      if (world_rank == 0) {
+        std::fprintf(stderr, "shardprop: error: unknown command '%s' (expected one of %s)\n",
+                     argv[1], names.c_str());
+      }
+      MPI_Finalize();
+      return 2;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

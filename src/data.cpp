@@ -251,7 +251,8 @@ Dataset read_csv(const std::string& path, std::size_t label_column) {
 
 void check_fits(const Dataset& data, const ModelSpec& spec, const std::string& name) {
   SP_CHECK(data.cols == spec.input_width(), name, ": ", data.cols,
-           " features per sample, but --layers starts with ", spec.input_width());
+           " features per sample, but the model (--layers ", spec.layers_string(), ") takes ",
+           spec.input_width());
   const std::size_t k = spec.output_width();
   if (data.has_labels()) {
     const std::size_t classes = k == 1 ? 2 : k;

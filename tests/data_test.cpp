@@ -102,7 +102,7 @@ TEST_F(DataTest, Hdf5RoundTripAndValidation) {
   expect_error([&] { check_fits(r, parse_model("3,2", "xent"), "d.h5"); },
                "d.h5: label 2 at row 1 is outside [0, 2)");
   expect_error([&] { check_fits(r, parse_model("4,3", "xent"), "d.h5"); },
-               "3 features per sample, but --layers starts with 4");
+               "3 features per sample, but the model (--layers 4,3:softmax) takes 4");
 
   expect_error([&] { read_dataset(path("nope.h5")); }, "nope.h5: no such file");
   std::ofstream(path("text.h5")) << "not hdf5";
