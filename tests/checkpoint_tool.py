@@ -4,6 +4,7 @@
   checkpoint_tool.py verify FILE            recompute the CRC-32 and compare it with the file's
   checkpoint_tool.py same A B               parameters and optimizer state bit for bit equal
   checkpoint_tool.py close A B TOLERANCE    parameters within TOLERANCE of each tensor's max
+  checkpoint_tool.py finite FILE            every parameter and optimizer value is finite
 """
 import sys
 import zlib
@@ -36,6 +37,13 @@ def verify(path):
         print(f"{path}: step {int(f.attrs['step'])}, crc32 {crc:08x} verified")
 
 
+def finite(path):
+    with h5py.File(path, "r") as f:
+        for name in tensors(f):
+            assert np.isfinite(f[name][()]).all(), f"{path}: {name} holds NaN or Inf"
+        print(f"{path}: every value is finite")
+
+
 def same(a, b):
     with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
         for name in tensors(fa):
@@ -59,4 +67,4 @@ def close(a, b, tolerance):
 
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
-    {"verify": verify, "same": same, "close": lambda a, b, t: close(a, b, float(t))}[command](*args)
+    {"verify": verify, "finite": finite, "same": same, "close": lambda a, b, t: close(a, b, float(t))}[command](*args)
