@@ -157,17 +157,18 @@ TEST(CollectiveCheck, OnlyTheLowestFailingRankReportsTheCause) {
 }
 
 // A gradient that overflows while the loss stays finite is reported with its layer: inputs
-// of 1e19 through weights of 1e19 give hidden activations of 2e38, whose products with δ,
-// summed over two samples, exceed float's 3.4e38 in layer 1's dW only.
+// of 1e19 through weights of 1e19 give hidden activations of 2e38; the output logits are 0,
+// so δ = ±0.5, and layer 1's dW sums four products of 1e38, which exceeds float's 3.4e38
+// in any order of summation. Layer 0's dW stays near 1e-11 and the loss is log 2.
 TEST(ReduceNonFinite, NamesTheFirstLayerWithNaNOrInf) {
   const ModelSpec spec = parse_model("2,2:identity,2:softmax", "xent");
   const Layout layout(spec);
   AlignedVector<float> params(layout.size(), 0.0f);
   layout.weights(std::span<float>(params), 0).setConstant(1e19f);
   layout.weights(std::span<float>(params), 1) << 1e-30f, -1e-30f, -1e-30f, 1e-30f;
-  RowMatrix<float> x(2, 2), y(2, 2);
+  RowMatrix<float> x(4, 2), y(4, 2);
   x.setConstant(1e19f);
-  y << 0, 1, 0, 1;
+  y << 0, 1, 0, 1, 0, 1, 0, 1;
   Mlp<float> mlp(spec);
   LocalGroup one(1);
   AlignedVector<float> grad(layout.size() + kGradStats);
