@@ -158,13 +158,17 @@ std::vector<std::uint8_t> read_idx_file(const std::string& path, int want_dims,
     SP_CHECK(d > 0 && total <= (std::size_t{1} << 34) / d, path, ": implausible IDX dimension ", d);
     total *= d;
   }
-  std::vector<std::uint8_t> payload(total);
+  // The buffer grows with the data actually read, so a short file that claims a huge
+  // size fails as truncated instead of allocating what its header claims.
+  std::vector<std::uint8_t> payload;
   std::size_t done = 0;
   while (done < total) {
-    const auto chunk = unsigned(std::min<std::size_t>(total - done, 1u << 30));
-    const int got = gzread(file.get(), payload.data() + done, chunk);
+    const std::size_t chunk = std::min<std::size_t>(total - done, std::size_t{1} << 24);
+    payload.resize(done + chunk);
+    const int got = gzread(file.get(), payload.data() + done, unsigned(chunk));
     SP_CHECK(got > 0, path, ": truncated IDX data (", done, " of ", total, " bytes)");
     done += std::size_t(got);
+    payload.resize(done);
   }
   return payload;
 }

@@ -1,5 +1,7 @@
 #include "shardprop/spec.hpp"
 
+#include <climits>
+
 #include <charconv>
 
 #include "shardprop/error.hpp"
@@ -99,6 +101,17 @@ ModelSpec parse_model(std::string_view layers, std::string_view loss) {
       spec.layers.push_back({in, width, act});
     }
     in = width;
+  }
+  // Each layer's gradient is reduced in one MPI call, whose count is an int.
+  std::size_t total = 0;
+  for (std::size_t l = 0; l < spec.layers.size(); ++l) {
+    const std::size_t count = (spec.layers[l].in + 1) * spec.layers[l].out;  // < 2^49
+    total += count;
+    SP_CHECK(count <= std::size_t(INT_MAX), "--layers: layer ", l + 1, " (",
+             spec.layers[l].in, "->", spec.layers[l].out, ") has ", count,
+             " parameters; at most ", INT_MAX, " per layer are supported");
+    SP_CHECK(total <= std::size_t(INT_MAX), "--layers: '", layers, "' has more than ", INT_MAX,
+             " parameters");
   }
   const Activation out = spec.output_activation();
   const Activation wanted = spec.loss == Loss::xent  ? Activation::softmax

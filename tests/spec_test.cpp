@@ -63,6 +63,16 @@ TEST(Layout, BlocksAreAlignedDisjointAndTileTheBuffer) {
   EXPECT_EQ(covered, spec.parameter_count());
 }
 
+TEST(ParseModel, RejectsModelsTooLargeForOneReduction) {
+  // (7505 + 1) · 750566 ≈ 5.6e9 parameters in one layer (found by fuzz_layers).
+  testing::expect_error([] { parse_model("6,7505,750566", "xent"); },
+                        "--layers: layer 2 (7505->750566) has 5633748396 parameters");
+  // Layers of 1.07e9 each are fine alone, not together.
+  testing::expect_error([] { parse_model("32767,32767,32767,2", "xent"); },
+                        "has more than 2147483647 parameters");
+  EXPECT_EQ(parse_model("32767,32767,2", "xent").parameter_count(), 32768u * 32767 + 32768 * 2);
+}
+
 TEST(Init, DeterministicFromSeedWithZeroBiasesAndPadding) {
   const ModelSpec spec = parse_model("20,30:relu,10:tanh,4:softmax", "xent");
   const Layout layout(spec);
