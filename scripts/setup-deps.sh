@@ -11,6 +11,8 @@ packages=(
   libgtest-dev libcli11-dev zlib1g-dev
   python3 python3-h5py python3-numpy python3-matplotlib
   dataset-fashion-mnist
+  # the fuzz targets (clang with libFuzzer) and the multi-host test (network namespaces)
+  clang libclang-rt-14-dev iproute2
 )
 
 missing=()

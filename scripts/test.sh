@@ -25,3 +25,7 @@ if [ "${SANITIZE:-1}" != 0 ]; then
   cmake --build "$asan" -j "$(nproc)"
   (cd "$asan" && ctest --output-on-failure -j "$(nproc)")
 fi
+
+if [ "${FUZZ_SECONDS:-20}" != 0 ]; then
+  "$root/scripts/fuzz.sh" "${FUZZ_SECONDS:-20}"
+fi

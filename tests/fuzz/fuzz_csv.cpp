@@ -1,0 +1,29 @@
+// The CSV reader on arbitrary text, with the label in column 0 or 1: a data set of
+// consistent shape with finite features, or shardprop::Error.
+#include <cmath>
+
+#include "fuzz_util.hpp"
+#include "shardprop/data.hpp"
+#include "shardprop/error.hpp"
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  namespace sp = shardprop;
+  static const std::string path = sp::fuzz::scratch("data.csv");
+  if (size == 0) return 0;
+  const std::size_t label_column = data[0] % 2;
+  sp::fuzz::write_file(path, data + 1, size - 1);
+  try {
+    const sp::Dataset d = sp::read_csv(path, label_column);
+    if (d.rows == 0 || d.features.size() != d.rows * d.cols || d.labels.size() != d.rows) {
+      std::abort();
+    }
+    for (float x : d.features) {
+      if (!std::isfinite(x)) std::abort();
+    }
+    for (std::int32_t label : d.labels) {
+      if (label < 0) std::abort();
+    }
+  } catch (const sp::Error&) {
+  }
+  return 0;
+}
