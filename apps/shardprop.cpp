@@ -34,6 +34,7 @@ namespace {
 struct TrainArgs {
   std::string train_path, test_path, layers = "784,256:relu,128:relu,10:softmax", loss = "xent";
   std::string optimizer = "sgd", lr_schedule = "constant", metrics_path, progress = "auto";
+  std::string overlap = "on";
   std::string save_path, checkpoint_dir, resume;
   std::size_t batch = 256, epochs = 10, eval_batch = 1024;
   std::size_t checkpoint_every_steps = 0, checkpoint_every_epochs = 0, keep_checkpoints = 3;
@@ -250,6 +251,7 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
     config.optimizer.momentum = args.momentum;
     config.optimizer.weight_decay = args.weight_decay;
     config.cosine_schedule = args.lr_schedule == "cosine";
+    config.overlap = args.overlap == "on";
   });
 
   // Rank 0 finds, reads and verifies the checkpoint and sends it to every rank.
@@ -645,6 +647,10 @@ int main(int argc, char** argv) {
                     "End this invocation at this global step (with a checkpoint); the run's "
                     "schedule is unchanged, so --resume continues it exactly")
       ->check(number_above(0, true));
+  train->add_option("--overlap", t.overlap,
+                    "on: reduce each layer's gradient while backward goes on; off: after it "
+                    "(same result; for measuring)")
+      ->check(CLI::IsMember({"on", "off"}))->capture_default_str();
   train->add_option("--metrics", t.metrics_path, "Write one JSON object per epoch to this file");
   train->add_option("--progress", t.progress, "Progress bar within an epoch")
       ->check(CLI::IsMember({"auto", "always", "never"}))->capture_default_str();

@@ -16,7 +16,8 @@ template <class T>
 MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
                                          std::span<const T> params, ConstMatrixView<T> x,
                                          ConstMatrixView<T> y, std::span<T> grad,
-                                         StepTimes* times, LayerDone before_wait) {
+                                         StepTimes* times, LayerDone before_wait,
+                                         bool overlap) {
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
   const Layout& layout = mlp.layout();
@@ -34,8 +35,13 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
   if (x.rows() > 0) {
     // Progress calls split each dW into parts; alone there is nothing to make progress on.
     const auto progress = [&](std::size_t) { comm.progress(); };
-    const LossSums sums = mlp.forward_backward(params, x, y, grad.first(n), reduce_layer,
-                                               comm.size() > 1 ? LayerDone(progress) : LayerDone());
+    const bool split = overlap && comm.size() > 1;
+    const LossSums sums = mlp.forward_backward(params, x, y, grad.first(n),
+                                               overlap ? LayerDone(reduce_layer) : LayerDone(),
+                                               split ? LayerDone(progress) : LayerDone());
+    if (!overlap) {
+      for (std::size_t l = layout.layer_count(); l-- > 0;) reduce_layer(l);
+    }
     grad[n + kLossSum] = T(sums.loss);
     grad[n + kCorrect] = T(sums.correct);
     grad[n + kSamples] = T(x.rows());
@@ -73,12 +79,14 @@ template MinibatchStats reduce_minibatch_gradient<float>(Mlp<float>&, Communicat
                                                          std::span<const float>,
                                                          ConstMatrixView<float>,
                                                          ConstMatrixView<float>,
-                                                         std::span<float>, StepTimes*, LayerDone);
+                                                         std::span<float>, StepTimes*, LayerDone,
+                                                         bool);
 template MinibatchStats reduce_minibatch_gradient<double>(Mlp<double>&, Communicator&,
                                                           std::span<const double>,
                                                           ConstMatrixView<double>,
                                                           ConstMatrixView<double>,
-                                                          std::span<double>, StepTimes*, LayerDone);
+                                                          std::span<double>, StepTimes*, LayerDone,
+                                                          bool);
 
 Trainer::Trainer(ModelSpec spec, TrainConfig config, Communicator& comm, const Dataset& train)
     : config_(config),
@@ -191,7 +199,7 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
         mlp_, comm_, params_,
         ConstMatrixView<float>(x_[now].data(), rows, Eigen::Index(train_.cols)),
         ConstMatrixView<float>(y_[now].data(), rows, Eigen::Index(k)), grad_, &times_,
-        next_batch.empty() ? LayerDone() : LayerDone(prefetch));
+        next_batch.empty() ? LayerDone() : LayerDone(prefetch), config_.overlap);
   });
   if (!next_batch.empty()) {
     prefetched_ = next_batch;

@@ -38,12 +38,15 @@ struct MinibatchStats {
 // sample count, and divides by the global sample count. On return grad[0, n)
 // is the mean gradient of the global minibatch on every rank. `grad` has
 // layout.size() + kGradStats elements. Adds the time of its parts to `times` if given, and
-// runs before_wait(0) once every reduction has started, before waiting for them.
+// runs before_wait(0) once every reduction has started, before waiting for them. With
+// overlap false, every reduction starts after the whole backward pass (same order, same
+// result), to measure what the overlap saves.
 template <class T>
 MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
                                          std::span<const T> params, ConstMatrixView<T> x,
                                          ConstMatrixView<T> y, std::span<T> grad,
-                                         StepTimes* times = nullptr, LayerDone before_wait = {});
+                                         StepTimes* times = nullptr, LayerDone before_wait = {},
+                                         bool overlap = true);
 
 struct TrainConfig {
   std::size_t batch = 256;         // global minibatch
@@ -56,6 +59,7 @@ struct TrainConfig {
   std::size_t eval_batch = 1024;   // rows per forward pass when evaluating
   OptimizerConfig optimizer;       // optimizer.lr is the base learning rate
   bool cosine_schedule = false;    // lr·½(1 + cos(π·step/total steps)) instead of constant lr
+  bool overlap = true;             // reduce each layer's gradient while backward goes on
 };
 
 // Where training stands: enough, with the parameters and optimizer state, to continue.
