@@ -4,6 +4,7 @@
 #include <mutex>
 #include <type_traits>
 #include <oneapi/tbb/blocked_range.h>
+#include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/parallel_for.h>
 #include <oneapi/tbb/partitioner.h>
 #include <oneapi/tbb/task_arena.h>
@@ -106,8 +107,15 @@ auto whole(View&& v) {
 }
 
 // One block per worker thread, but no block smaller than `min_block` (rounded to `align`).
+// The workers are the threads allowed (--threads), not the cores this process may run on:
+// the blocks decide how products are split, and so their rounding, which must not change
+// with how mpirun binds a rank.
 std::size_t block_size(std::size_t n, std::size_t min_block, std::size_t align) {
-  const auto workers = static_cast<std::size_t>(oneapi::tbb::this_task_arena::max_concurrency());
+  using oneapi::tbb::global_control;
+  const auto workers = std::max<std::size_t>(
+      1, std::min<std::size_t>(
+             std::size_t(oneapi::tbb::this_task_arena::max_concurrency()),
+             global_control::active_value(global_control::max_allowed_parallelism)));
   std::size_t block = std::max<std::size_t>((n + workers - 1) / workers, min_block);
   block = (block + align - 1) / align * align;
   return std::max<std::size_t>(block, 1);
