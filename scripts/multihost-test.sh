@@ -144,9 +144,10 @@ for i in $(seq 1 $hosts); do
   qdisc=(ip netns exec "$tag-h$i" tc qdisc add dev eth0 root)
   if "${qdisc[@]}" netem rate 1gbit delay 0.5ms 2> /dev/null; then
     shaping="1 Gbit/s and 0.5 ms delay (netem)"
-  else
-    "${qdisc[@]}" tbf rate 1gbit burst 128kb latency 50ms || fail "tc cannot limit the links"
+  elif "${qdisc[@]}" tbf rate 1gbit burst 128kb latency 50ms; then
     shaping="1 Gbit/s (tbf; this kernel has no netem, so no added delay)"
+  else  # the timings are still worth having, over unlimited veth links
+    shaping="nothing (tc can neither netem nor tbf here)"
   fi
 done
 # step_ms LAYERS STEPS on|off: the median step time of 3 runs on 2 hosts.
