@@ -554,14 +554,9 @@ std::string CheckpointDir::write(const Checkpoint& c) {
   const fs::path file = fs::path(dir_) / file_name(c.state.step);
   save_checkpoint(file.string(), c);
   const fs::path latest = fs::path(dir_) / "latest";
+  const std::string text = file.filename().string() + "\n";
   write_atomically(latest.string(), [&](const std::string& tmp) {
-    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    SP_CHECK(fd >= 0, tmp, ": cannot create: ", std::strerror(errno));
-    const std::string text = file.filename().string() + "\n";
-    const ssize_t n = ::write(fd, text.data(), text.size());
-    const int err = errno;
-    SP_CHECK(::close(fd) == 0 && n == ssize_t(text.size()), tmp, ": write failed: ",
-             std::strerror(n < 0 ? err : ENOSPC));
+    h5::write_bytes(tmp, std::as_bytes(std::span(text)));
   });
   // Only now that the new checkpoint and the pointer are in place do older ones go.
   const std::vector<std::string> all = list_checkpoints(dir_);

@@ -70,13 +70,16 @@ void store(Handle& file, const std::string& path) {
   SP_CHECK(H5Fget_file_image(file.get(), image.data(), image.size()) == size, path,
            ": HDF5 could not copy the file image");
   file.close("closing " + path);
+  write_bytes(path, image);
+}
 
+void write_bytes(const std::string& path, std::span<const std::byte> bytes) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   SP_CHECK(fd >= 0, path, ": cannot create: ", std::strerror(errno));
   std::size_t done = 0;
   int err = 0;
-  while (done < image.size()) {
-    const ssize_t n = ::write(fd, image.data() + done, image.size() - done);
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       err = n < 0 ? errno : EIO;

@@ -3,6 +3,7 @@
 
 #include <hdf5.h>
 
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -46,6 +47,9 @@ Handle create_file(const std::string& path);
 // Flushes and closes `file` and writes its bytes to `path` with POSIX calls, so a failure
 // names its cause (a full disk says "No space left on device"). Replaces `path`.
 void store(Handle& file, const std::string& path);
+// Writes `bytes` to `path` (created or truncated) with POSIX calls; throws naming the file
+// and the cause, also for an error only close() reports. Used for non-HDF5 files too.
+void write_bytes(const std::string& path, std::span<const std::byte> bytes);
 bool has_link(hid_t where, const std::string& name);
 Handle open_dataset(hid_t file, const std::string& name, const std::string& file_name);
 
