@@ -39,13 +39,13 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
     const LossSums sums = mlp.forward_backward(params, x, y, grad.first(n),
                                                overlap ? LayerDone(reduce_layer) : LayerDone(),
                                                split ? LayerDone(progress) : LayerDone());
-    if (!overlap) {
-      for (std::size_t l = layout.layer_count(); l-- > 0;) reduce_layer(l);
-    }
     grad[n + kLossSum] = T(sums.loss);
     grad[n + kCorrect] = T(sums.correct);
     grad[n + kSamples] = T(x.rows());
-  } else {  // an empty shard still takes part in every reduction, in the same order
+  }
+  // Without overlap, and on an empty shard (which still takes part in every reduction),
+  // the layers' reductions start here, in backward's order.
+  if (!overlap || x.rows() == 0) {
     for (std::size_t l = layout.layer_count(); l-- > 0;) reduce_layer(l);
   }
   comm.start_allreduce_sum(grad.subspan(n, kGradStats));
