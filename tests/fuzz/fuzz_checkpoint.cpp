@@ -62,33 +62,35 @@ sp::Checkpoint valid(FuzzedDataProvider& in) {
 }
 
 void set_attribute(hid_t file, FuzzedDataProvider& in) {
-  const auto [object, name] = in.PickValueInArray(kAttributes);
+  const auto picked = in.PickValueInArray(kAttributes);
+  const char* object = picked.first;
+  const char* name = picked.second;  // a lambda below uses it; clang 14 cannot capture bindings
   const hid_t where = H5Oopen(file, object, H5P_DEFAULT);
   if (where < 0) return;
   if (H5Aexists(where, name) > 0) H5Adelete(where, name);
+  const auto attribute = [&](hid_t file_type, hid_t mem_type, hid_t space, const void* value) {
+    const hid_t a = H5Acreate2(where, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT);
+    if (a < 0) return;
+    if (value) H5Awrite(a, mem_type, value);
+    H5Aclose(a);
+  };
   const hid_t space = H5Screate(H5S_SCALAR);
   switch (in.ConsumeIntegralInRange(0, 3)) {
     case 0: {
       const std::int64_t v = in.ConsumeIntegral<std::int64_t>();
-      const hid_t a = H5Acreate2(where, name, H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT);
-      H5Awrite(a, H5T_NATIVE_INT64, &v);
-      H5Aclose(a);
+      attribute(H5T_STD_I64LE, H5T_NATIVE_INT64, space, &v);
       break;
     }
     case 1: {
       const double v = in.ConsumeFloatingPoint<double>();
-      const hid_t a = H5Acreate2(where, name, H5T_IEEE_F64LE, space, H5P_DEFAULT, H5P_DEFAULT);
-      H5Awrite(a, H5T_NATIVE_DOUBLE, &v);
-      H5Aclose(a);
+      attribute(H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, space, &v);
       break;
     }
     case 2: {
       const std::string v = in.ConsumeRandomLengthString(40);
       const hid_t type = H5Tcopy(H5T_C_S1);
       H5Tset_size(type, v.size() + 1);
-      const hid_t a = H5Acreate2(where, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
-      H5Awrite(a, type, v.c_str());
-      H5Aclose(a);
+      attribute(type, type, space, v.c_str());
       H5Tclose(type);
       break;
     }
@@ -96,9 +98,7 @@ void set_attribute(hid_t file, FuzzedDataProvider& in) {
       const hsize_t n = in.ConsumeIntegralInRange<hsize_t>(0, 4);
       const hid_t s = H5Screate_simple(1, &n, nullptr);
       const std::vector<std::int64_t> v(n, in.ConsumeIntegral<std::int64_t>());
-      const hid_t a = H5Acreate2(where, name, H5T_STD_I64LE, s, H5P_DEFAULT, H5P_DEFAULT);
-      if (n > 0) H5Awrite(a, H5T_NATIVE_INT64, v.data());
-      H5Aclose(a);
+      attribute(H5T_STD_I64LE, H5T_NATIVE_INT64, s, n > 0 ? v.data() : nullptr);
       H5Sclose(s);
     }
   }
