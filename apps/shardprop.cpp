@@ -36,7 +36,8 @@ struct TrainArgs {
   std::string optimizer = "sgd", lr_schedule = "constant", metrics_path, progress = "auto";
   std::string overlap = "on";
   std::string save_path, checkpoint_dir, resume;
-  std::size_t batch = 256, epochs = 10, eval_batch = 1024;
+  std::size_t batch = 256, epochs = 10, eval_batch = 1024, chunk = 32;
+  bool deterministic = false;
   std::size_t checkpoint_every_steps = 0, checkpoint_every_epochs = 0, keep_checkpoints = 3;
   double lr = 0.05, momentum = 0.9, weight_decay = 0.0;
   int threads = 0;  // 0: cores on the node / ranks on the node
@@ -175,6 +176,10 @@ std::string format_value(double v) {
   return out.str();
 }
 
+std::string mode_name(std::size_t chunk) {
+  return chunk > 0 ? "with chunks of " + std::to_string(chunk) + " rows" : "off";
+}
+
 // Merges a checkpoint into the flags: the run continues with the checkpoint's model and
 // configuration, a flag that would change the sample order, the model or the optimizer's
 // state is an error naming both values, and the flags that may change are applied and
@@ -215,6 +220,12 @@ void apply_checkpoint(const TrainArgs& args, const std::string& path, const sp::
         c.config.optimizer.momentum);
   allow("--weight-decay", config.optimizer.weight_decay, requested.optimizer.weight_decay,
         c.config.optimizer.weight_decay);
+  if ((args.has("--deterministic") || args.has("--chunk")) &&
+      requested.deterministic_chunk != c.config.deterministic_chunk) {
+    config.deterministic_chunk = requested.deterministic_chunk;
+    changes.push_back("--deterministic " + mode_name(requested.deterministic_chunk) +
+                      " (checkpoint: " + mode_name(c.config.deterministic_chunk) + ")");
+  }
   if (args.has("--lr-schedule") && requested.cosine_schedule != c.config.cosine_schedule) {
     config.cosine_schedule = requested.cosine_schedule;
     changes.push_back("--lr-schedule " + args.lr_schedule + " (checkpoint: " +
@@ -252,6 +263,8 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
     config.optimizer.weight_decay = args.weight_decay;
     config.cosine_schedule = args.lr_schedule == "cosine";
     config.overlap = args.overlap == "on";
+    SP_CHECK(args.deterministic || !args.has("--chunk"), "--chunk needs --deterministic");
+    config.deterministic_chunk = args.deterministic ? args.chunk : 0;
   });
 
   // Rank 0 finds, reads and verifies the checkpoint and sends it to every rank.
@@ -336,10 +349,18 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
       std::printf("  test       %s: %s samples x %zu features\n", args.test_path.c_str(),
                   thousands(test.rows).c_str(), test.cols);
     }
+    std::size_t fewest = config.batch, most = 0;
+    for (int r = 0; r < comm.size(); ++r) {
+      const std::size_t rows = sp::chunked_shard(config.batch, config.deterministic_chunk, r, comm.size()).size();
+      fewest = std::min(fewest, rows);
+      most = std::max(most, rows);
+    }
     std::printf("  batch      %zu global (%zu-%zu per rank), %zu steps per epoch, %zu epochs\n",
-                config.batch, config.batch / std::size_t(comm.size()),
-                (config.batch + std::size_t(comm.size()) - 1) / std::size_t(comm.size()),
-                trainer->batches_per_epoch(), config.epochs);
+                config.batch, fewest, most, trainer->batches_per_epoch(), config.epochs);
+    if (config.deterministic_chunk > 0) {
+      std::printf("  mode       deterministic, chunks of %zu rows: the same bits for any ranks and threads\n",
+                  config.deterministic_chunk);
+    }
     print_optimizer(config);
     if (opt.weight_decay > 0) std::printf(" weight_decay %g", opt.weight_decay);
     std::printf(", seed %llu\n", (unsigned long long)config.seed);
@@ -651,6 +672,13 @@ int main(int argc, char** argv) {
                     "on: reduce each layer's gradient while backward goes on; off: after it "
                     "(same result; for measuring)")
       ->check(CLI::IsMember({"on", "off"}))->capture_default_str();
+  train->add_flag("--deterministic", t.deterministic,
+                  "Bitwise-identical results for any number of ranks and threads "
+                  "(docs/reproducibility.md)");
+  train->add_option("--chunk", t.chunk,
+                    "Rows per chunk in --deterministic mode: the unit of work that ranks and "
+                    "threads share")
+      ->check(number_above(0, false))->capture_default_str();
   train->add_option("--metrics", t.metrics_path, "Write one JSON object per epoch to this file");
   train->add_option("--progress", t.progress, "Progress bar within an epoch")
       ->check(CLI::IsMember({"auto", "always", "never"}))->capture_default_str();

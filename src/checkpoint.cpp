@@ -242,6 +242,7 @@ void write_file(const std::string& path, const Checkpoint& c) {
     write_attr(train.get(), "max_steps", c.config.max_steps);
     write_attr(train.get(), "seed", c.config.seed);
     write_attr(train.get(), "eval_batch", std::int64_t(c.config.eval_batch));
+    write_attr(train.get(), "deterministic_chunk", std::int64_t(c.config.deterministic_chunk));
     write_attr(train.get(), "lr_schedule", std::string(c.config.cosine_schedule ? "cosine" : "constant"));
     write_attr(train.get(), "train_rows", std::int64_t(c.train_rows));
     write_attr(train.get(), "train_cols", std::int64_t(c.train_cols));
@@ -273,6 +274,8 @@ void read_training_state(hid_t file, const std::string& path, const Layout& layo
   c.config.max_steps = t.int64("max_steps");
   c.config.seed = t.uint64("seed");
   c.config.eval_batch = t.count("eval_batch");
+  // Absent in checkpoints written before the deterministic mode existed: the default mode.
+  c.config.deterministic_chunk = t.has("deterministic_chunk") ? t.count("deterministic_chunk") : 0;
   const std::string schedule = t.text("lr_schedule");
   SP_CHECK(schedule == "constant" || schedule == "cosine", path,
            ": unknown /train/lr_schedule '", schedule, "'");
@@ -370,6 +373,7 @@ void wire_fields(Io& io, Checkpoint& c, std::string& layers, std::string& loss) 
   io(layers), io(loss), io(c.params), io(c.format_version), io(c.has_training_state);
   TrainConfig& t = c.config;
   io(t.batch), io(t.epochs), io(t.max_steps), io(t.seed), io(t.eval_batch), io(t.cosine_schedule);
+  io(t.deterministic_chunk);
   OptimizerConfig& o = t.optimizer;
   io(o.kind), io(o.lr), io(o.momentum), io(o.weight_decay), io(o.beta1), io(o.beta2), io(o.eps);
   io(c.state.step), io(c.state.epoch), io(c.state.batch_in_epoch);

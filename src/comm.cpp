@@ -101,20 +101,28 @@ void MpiComm::run(const char* what, Start&& start) {
   complete(std::span<MPI_Request>(&request, 1), what);
 }
 
-void MpiComm::allreduce_sum(std::span<float> data) {
-  const int n = checked_count(data.size(), "MPI_Allreduce");
+void MpiComm::allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op) {
+  const int n = checked_count(count, "MPI_Allreduce");
   run("MPI_Allreduce", [&](MPI_Request* r) {
-    return r ? MPI_Iallreduce(MPI_IN_PLACE, data.data(), n, MPI_FLOAT, MPI_SUM, comm_, r)
-             : MPI_Allreduce(MPI_IN_PLACE, data.data(), n, MPI_FLOAT, MPI_SUM, comm_);
+    return r ? MPI_Iallreduce(MPI_IN_PLACE, data, n, type, op, comm_, r)
+             : MPI_Allreduce(MPI_IN_PLACE, data, n, type, op, comm_);
   });
 }
 
+void MpiComm::allreduce_sum(std::span<float> data) {
+  allreduce(data.data(), data.size(), MPI_FLOAT, MPI_SUM);
+}
+
 void MpiComm::allreduce_sum(std::span<double> data) {
-  const int n = checked_count(data.size(), "MPI_Allreduce");
-  run("MPI_Allreduce", [&](MPI_Request* r) {
-    return r ? MPI_Iallreduce(MPI_IN_PLACE, data.data(), n, MPI_DOUBLE, MPI_SUM, comm_, r)
-             : MPI_Allreduce(MPI_IN_PLACE, data.data(), n, MPI_DOUBLE, MPI_SUM, comm_);
-  });
+  allreduce(data.data(), data.size(), MPI_DOUBLE, MPI_SUM);
+}
+
+void MpiComm::allreduce_sum(std::span<std::int64_t> data) {
+  allreduce(data.data(), data.size(), MPI_INT64_T, MPI_SUM);
+}
+
+void MpiComm::allreduce_max(std::span<double> data) {
+  allreduce(data.data(), data.size(), MPI_DOUBLE, MPI_MAX);
 }
 
 void MpiComm::start(void* data, std::size_t count, MPI_Datatype type) {
@@ -131,6 +139,10 @@ void MpiComm::start_allreduce_sum(std::span<float> data) {
 
 void MpiComm::start_allreduce_sum(std::span<double> data) {
   start(data.data(), data.size(), MPI_DOUBLE);
+}
+
+void MpiComm::start_allreduce_sum(std::span<std::int64_t> data) {
+  start(data.data(), data.size(), MPI_INT64_T);
 }
 
 void MpiComm::progress() {
@@ -152,10 +164,7 @@ void MpiComm::wait_all() {
 }
 
 std::int64_t MpiComm::allreduce_max(std::int64_t value) {
-  run("MPI_Allreduce", [&](MPI_Request* r) {
-    return r ? MPI_Iallreduce(MPI_IN_PLACE, &value, 1, MPI_INT64_T, MPI_MAX, comm_, r)
-             : MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_INT64_T, MPI_MAX, comm_);
-  });
+  allreduce(&value, 1, MPI_INT64_T, MPI_MAX);
   return value;
 }
 
@@ -167,23 +176,32 @@ void MpiComm::broadcast(std::span<std::byte> data, int root) {
   });
 }
 
+namespace {
+struct Sum {
+  template <class T>
+  T operator()(T a, T b) const { return a + b; }
+};
+struct Max {
+  template <class T>
+  T operator()(T a, T b) const { return std::max(a, b); }
+};
+}  // namespace
+
 class LocalGroup::Member final : public Communicator {
  public:
   Member(LocalGroup& group, int rank) : group_(group), rank_(rank) {}
   int rank() const override { return rank_; }
   int size() const override { return group_.size_; }
-  void allreduce_sum(std::span<float> data) override { group_.allreduce(rank_, data); }
-  void allreduce_sum(std::span<double> data) override { group_.allreduce(rank_, data); }
-  std::int64_t allreduce_max(std::int64_t value) override {
-    group_.slots_[std::size_t(rank_)] = &value;
-    group_.barrier_.arrive_and_wait();
-    std::int64_t result = value;
-    for (const void* slot : group_.slots_) {
-      result = std::max(result, *static_cast<const std::int64_t*>(slot));
-    }
-    group_.barrier_.arrive_and_wait();
-    return result;
+  void allreduce_sum(std::span<float> data) override { group_.allreduce(rank_, data, Sum{}); }
+  void allreduce_sum(std::span<double> data) override { group_.allreduce(rank_, data, Sum{}); }
+  void allreduce_sum(std::span<std::int64_t> data) override {
+    group_.allreduce(rank_, data, Sum{});
   }
+  std::int64_t allreduce_max(std::int64_t value) override {
+    group_.allreduce(rank_, std::span<std::int64_t>(&value, 1), Max{});
+    return value;
+  }
+  void allreduce_max(std::span<double> data) override { group_.allreduce(rank_, data, Max{}); }
   void broadcast(std::span<std::byte> data, int root) override {
     group_.slots_[std::size_t(rank_)] = data.data();
     group_.barrier_.arrive_and_wait();
@@ -208,20 +226,20 @@ LocalGroup::~LocalGroup() = default;
 
 Communicator& LocalGroup::member(int rank) { return *members_.at(std::size_t(rank)); }
 
-template <class T>
-void LocalGroup::allreduce(int rank, std::span<T> data) {
+template <class T, class Op>
+void LocalGroup::allreduce(int rank, std::span<T> data, Op op) {
   slots_[std::size_t(rank)] = data.data();
   auto& scratch = scratch_[std::size_t(rank)];
   if (scratch.size() < data.size_bytes()) scratch.resize(data.size_bytes());
-  T* sum = reinterpret_cast<T*>(scratch.data());
-  std::fill_n(sum, data.size(), T(0));
+  T* result = reinterpret_cast<T*>(scratch.data());
   barrier_.arrive_and_wait();
-  for (const void* slot : slots_) {
-    const T* contribution = static_cast<const T*>(slot);
-    for (std::size_t i = 0; i < data.size(); ++i) sum[i] += contribution[i];
+  std::copy_n(static_cast<const T*>(slots_[0]), data.size(), result);
+  for (std::size_t r = 1; r < slots_.size(); ++r) {
+    const T* contribution = static_cast<const T*>(slots_[r]);
+    for (std::size_t i = 0; i < data.size(); ++i) result[i] = op(result[i], contribution[i]);
   }
   barrier_.arrive_and_wait();  // everyone has read every contribution
-  std::copy_n(sum, data.size(), data.begin());
+  std::copy_n(result, data.size(), data.begin());
 }
 
 }  // namespace shardprop

@@ -1,6 +1,8 @@
 #include "shardprop/layers.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <mutex>
 #include <type_traits>
 #include <oneapi/tbb/blocked_range.h>
@@ -179,9 +181,9 @@ void activate(Activation act, Eigen::Ref<RowMatrix<T>> z) {
 
 template <class T>
 void dense_forward(ConstMatrixView<T> x, ConstMatrixView<T> w, ConstRowVectorView<T> b,
-                   Activation act, MatrixView<T> out) {
+                   Activation act, MatrixView<T> out, bool split) {
   const auto rows = static_cast<std::size_t>(x.rows());
-  for_blocks(rows, block_size(rows, kMinRows, 1), [&](std::size_t r0, std::size_t r1) {
+  for_blocks(rows, split ? block_size(rows, kMinRows, 1) : rows, [&](std::size_t r0, std::size_t r1) {
     const auto n = Eigen::Index(r1 - r0);
     gemm<T>(Op::none, Op::none, rows_of(x, r0, r1 - r0), whole(w), T(0), rows_of(out, r0, r1 - r0));
     auto z = out.middleRows(Eigen::Index(r0), n);
@@ -223,9 +225,10 @@ void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, Matri
 
 template <class T>
 void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
-                          ConstMatrixView<T> a_prev, Activation act_prev, MatrixView<T> dx) {
+                          ConstMatrixView<T> a_prev, Activation act_prev, MatrixView<T> dx,
+                          bool split) {
   const auto rows = static_cast<std::size_t>(delta.rows());
-  for_blocks(rows, block_size(rows, kMinRows, 1), [&](std::size_t r0, std::size_t r1) {
+  for_blocks(rows, split ? block_size(rows, kMinRows, 1) : rows, [&](std::size_t r0, std::size_t r1) {
     const auto n = Eigen::Index(r1 - r0);
     gemm<T>(Op::none, Op::transpose, rows_of(delta, r0, r1 - r0), whole(w), T(0),
             rows_of(dx, r0, r1 - r0));
@@ -234,14 +237,102 @@ void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
   });
 }
 
+void for_each_chunk(std::size_t chunks, LayerDone body) {
+  for_blocks(chunks, 1, [&](std::size_t c0, std::size_t c1) {
+    for (std::size_t c = c0; c < c1; ++c) body(c);
+  });
+}
+
+namespace {
+
+// The fixed blocks of dW that dense_backward_params_fixed computes one at a time: a block's
+// float products and its integers (256 × 256 of each) stay in a core's L2 cache while the
+// chunks are added.
+constexpr std::size_t kFixedBlock = 256;
+
+// acc[i] += round(v[i] · scale) for a power of two `scale`: exact in double, then rounded to
+// nearest (ties to even).
+template <class T>
+void add_fixed(const T* v, std::size_t n, double scale, std::int64_t* acc) {
+  for (std::size_t i = 0; i < n; ++i) {
+    acc[i] += static_cast<std::int64_t>(std::nearbyint(double(v[i]) * scale));
+  }
+}
+
+}  // namespace
+
+template <class T>
+void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
+                                 std::size_t chunk, int w_exp, int b_exp, std::int64_t* dw,
+                                 std::int64_t* db, T* scratch) {
+  const auto rows = static_cast<std::size_t>(x.rows());
+  const auto in = static_cast<std::size_t>(x.cols()), out = static_cast<std::size_t>(delta.cols());
+  const std::size_t row_blocks = (in + kFixedBlock - 1) / kFixedBlock;
+  const std::size_t col_blocks = (out + kFixedBlock - 1) / kFixedBlock;
+  const double w_scale = std::ldexp(1.0, w_exp), b_scale = std::ldexp(1.0, b_exp);
+  for_each_chunk(row_blocks * col_blocks, [&](std::size_t block) {
+    const std::size_t i0 = block / col_blocks * kFixedBlock, j0 = block % col_blocks * kFixedBlock;
+    const std::size_t ni = std::min(kFixedBlock, in - i0), nj = std::min(kFixedBlock, out - j0);
+    const Strided<T> product{scratch + i0 * out + j0, Eigen::Index(ni), Eigen::Index(nj),
+                             Eigen::Index(out)};
+    T column_sums[kFixedBlock];
+    for (std::size_t r0 = 0; r0 < rows; r0 += chunk) {
+      const std::size_t n = std::min(chunk, rows - r0);
+      gemm<T>(Op::transpose, Op::none,
+              Strided<const T>{x.data() + r0 * in + i0, Eigen::Index(n), Eigen::Index(ni),
+                               Eigen::Index(in)},
+              Strided<const T>{delta.data() + r0 * out + j0, Eigen::Index(n), Eigen::Index(nj),
+                               Eigen::Index(out)},
+              T(0), product);
+      for (std::size_t i = 0; i < ni; ++i) {
+        add_fixed(product.data + i * out, nj, w_scale, dw + (i0 + i) * out + j0);
+      }
+      if (i0 != 0) continue;  // the bias once per column block
+      std::fill_n(column_sums, nj, T(0));
+      for (std::size_t r = r0; r < r0 + n; ++r) {
+        const T* row = delta.data() + r * out + j0;
+        for (std::size_t j = 0; j < nj; ++j) column_sums[j] += row[j];
+      }
+      add_fixed(column_sums, nj, b_scale, db + j0);
+    }
+  });
+}
+
+template <class T>
+GradientBound chunk_gradient_bound(ConstMatrixView<T> x, ConstMatrixView<T> delta,
+                                   std::size_t chunk) {
+  GradientBound bound;
+  const auto rows = static_cast<std::size_t>(x.rows());
+  for (std::size_t r0 = 0; r0 < rows; r0 += chunk) {
+    const auto n = Eigen::Index(std::min(chunk, rows - r0));
+    const double x_max = double(x.middleRows(Eigen::Index(r0), n).cwiseAbs().maxCoeff());
+    double delta_sum = 0;
+    for (Eigen::Index r = Eigen::Index(r0); r < Eigen::Index(r0) + n; ++r) {
+      delta_sum += double(delta.row(r).cwiseAbs().maxCoeff());
+    }
+    // maxCoeff skips NaN, so check what the products will see
+    const bool finite = x.middleRows(Eigen::Index(r0), n).allFinite() &&
+                        delta.middleRows(Eigen::Index(r0), n).allFinite();
+    const double inf = std::numeric_limits<double>::infinity();
+    bound.w = std::max(bound.w, finite ? x_max * delta_sum : inf);
+    bound.b = std::max(bound.b, finite ? delta_sum : inf);
+  }
+  return bound;
+}
+
 #define SP_INSTANTIATE(T)                                                                     \
   template void activate<T>(Activation, Eigen::Ref<RowMatrix<T>>);                            \
   template void dense_forward<T>(ConstMatrixView<T>, ConstMatrixView<T>, ConstRowVectorView<T>, \
-                                 Activation, MatrixView<T>);                                  \
+                                 Activation, MatrixView<T>, bool);                            \
   template void dense_backward_params<T>(ConstMatrixView<T>, ConstMatrixView<T>, MatrixView<T>, \
                                          RowVectorView<T>, LayerDone);                        \
   template void dense_backward_input<T>(ConstMatrixView<T>, ConstMatrixView<T>,               \
-                                        ConstMatrixView<T>, Activation, MatrixView<T>);
+                                        ConstMatrixView<T>, Activation, MatrixView<T>, bool);  \
+  template void dense_backward_params_fixed<T>(ConstMatrixView<T>, ConstMatrixView<T>,        \
+                                               std::size_t, int, int, std::int64_t*,          \
+                                               std::int64_t*, T*);                            \
+  template GradientBound chunk_gradient_bound<T>(ConstMatrixView<T>, ConstMatrixView<T>,      \
+                                                 std::size_t);
 SP_INSTANTIATE(float)
 SP_INSTANTIATE(double)
 #undef SP_INSTANTIATE

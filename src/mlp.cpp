@@ -116,6 +116,79 @@ LossSums Mlp<T>::forward_backward(std::span<const T> params, ConstMatrixView<T> 
   return sums;
 }
 
+template <class T>
+std::span<const LossSums> Mlp<T>::forward_chunks(std::span<const T> params, ConstMatrixView<T> x,
+                                                 ConstMatrixView<T> y, std::size_t chunk) {
+  SP_CHECK(params.size() == layout_.size(), "parameter buffer has ", params.size(),
+           " elements, the model needs ", layout_.size());
+  SP_CHECK(std::size_t(x.cols()) == spec_.input_width(), "input has ", x.cols(),
+           " features, the model expects ", spec_.input_width());
+  SP_CHECK(chunk > 0, "chunk size must be positive");
+  rows_ = static_cast<std::size_t>(x.rows());
+  SP_CHECK(std::size_t(y.rows()) == rows_ && std::size_t(y.cols()) == spec_.output_width(),
+           "targets are ", y.rows(), "x", y.cols(), ", expected ", rows_, "x",
+           spec_.output_width());
+  reserve(rows_);
+  const std::size_t chunks = (rows_ + chunk - 1) / chunk;
+  chunk_sums_.resize(chunks);  // allocates only when a batch holds more chunks than before
+  const std::size_t last = spec_.layers.size() - 1;
+  for_each_chunk(chunks, [&](std::size_t c) {
+    const std::size_t r0 = c * chunk, n = std::min(chunk, rows_ - r0);
+    // The chunk's rows of a row-major buffer with `cols` columns.
+    const auto rows_of = [&](T* base, std::size_t cols) {
+      return MatrixView<T>(base + r0 * cols, Eigen::Index(n), Eigen::Index(cols));
+    };
+    const auto const_rows_of = [&](const T* base, std::size_t cols) {
+      return ConstMatrixView<T>(base + r0 * cols, Eigen::Index(n), Eigen::Index(cols));
+    };
+    for (std::size_t l = 0; l <= last; ++l) {
+      const std::size_t in = spec_.layers[l].in, out = spec_.layers[l].out;
+      dense_forward<T>(const_rows_of(l == 0 ? x.data() : acts_[l - 1].data(), in),
+                       layout_.weights(params, l), layout_.bias(params, l),
+                       l == last ? Activation::identity : spec_.layers[l].activation,
+                       rows_of(acts_[l].data(), out), false);
+    }
+    const std::size_t k = spec_.layers[last].out;
+    MatrixView<T> d = rows_of(delta_[0].data(), k);
+    chunk_sums_[c] = output_loss<T>(spec_.loss, rows_of(acts_[last].data(), k),
+                                    const_rows_of(y.data(), k), &d);
+  });
+  return chunk_sums_;
+}
+
+template <class T>
+void Mlp<T>::backward_input_chunks(std::span<const T> params, std::size_t layer,
+                                   std::size_t chunk) {
+  SP_CHECK(layer > 0 && layer < spec_.layers.size(), "no layer below layer ", layer);
+  const std::size_t last = spec_.layers.size() - 1;
+  const std::size_t in = spec_.layers[layer].in, out = spec_.layers[layer].out;
+  T* from = delta_[(last - layer) % 2].data();
+  T* to = delta_[(last - layer + 1) % 2].data();
+  for_each_chunk((rows_ + chunk - 1) / chunk, [&](std::size_t c) {
+    const std::size_t r0 = c * chunk;
+    const auto n = Eigen::Index(std::min(chunk, rows_ - r0));
+    dense_backward_input<T>(ConstMatrixView<T>(from + r0 * out, n, Eigen::Index(out)),
+                            layout_.weights(params, layer),
+                            ConstMatrixView<T>(acts_[layer - 1].data() + r0 * in, n, Eigen::Index(in)),
+                            spec_.layers[layer - 1].activation,
+                            MatrixView<T>(to + r0 * in, n, Eigen::Index(in)), false);
+  });
+}
+
+template <class T>
+ConstMatrixView<T> Mlp<T>::input_of(std::size_t layer, ConstMatrixView<T> x) {
+  if (layer == 0) return x;
+  return ConstMatrixView<T>(acts_[layer - 1].data(), Eigen::Index(rows_),
+                            Eigen::Index(spec_.layers[layer].in));
+}
+
+template <class T>
+ConstMatrixView<T> Mlp<T>::delta_of(std::size_t layer) {
+  const std::size_t last = spec_.layers.size() - 1;
+  return ConstMatrixView<T>(delta_[(last - layer) % 2].data(), Eigen::Index(rows_),
+                            Eigen::Index(spec_.layers[layer].out));
+}
+
 template class Mlp<float>;
 template class Mlp<double>;
 

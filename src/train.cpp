@@ -102,7 +102,11 @@ Trainer::Trainer(ModelSpec spec, TrainConfig config, Communicator& comm, const D
   const std::size_t n = mlp_.layout().size();
   params_.assign(n, 0.0f);
   grad_.assign(n + kGradStats, 0.0f);
-  const std::size_t shard_rows = (config_.batch + std::size_t(comm_.size()) - 1) / std::size_t(comm_.size());
+  std::size_t shard_rows = 0;  // the most rows any rank's shard can hold
+  for (int r = 0; r < comm_.size(); ++r) {
+    shard_rows = std::max(
+        shard_rows, chunked_shard(config_.batch, config_.deterministic_chunk, r, comm_.size()).size());
+  }
   for (int b = 0; b < 2; ++b) {
     x_[b].resize(shard_rows * train_.cols);
     y_[b].resize(shard_rows * spec_output());
@@ -179,7 +183,8 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
                              std::span<const std::uint32_t> next_batch) {
   const auto start = std::chrono::steady_clock::now();
   const std::size_t k = spec_output();
-  const Range shard = shard_range(global_batch.size(), comm_.rank(), comm_.size());
+  const std::size_t chunk = config_.deterministic_chunk;
+  const Range shard = chunked_shard(global_batch.size(), chunk, comm_.rank(), comm_.size());
   const auto rows = Eigen::Index(shard.size());
   const int now = current_;
   const bool ready = prefetched_.data() == global_batch.data() &&
@@ -189,17 +194,22 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
            y_[now].data());
   }
   const auto prefetch = [&](std::size_t) {
-    const Range next = shard_range(next_batch.size(), comm_.rank(), comm_.size());
+    const Range next = chunked_shard(next_batch.size(), chunk, comm_.rank(), comm_.size());
     gather(train_, next_batch.subspan(next.begin, next.size()), k, x_[1 - now].data(),
            y_[1 - now].data());
   };
   prefetched_ = {};
   const MinibatchStats stats = naming_step(state_.step + 1, "step ", [&] {
-    return reduce_minibatch_gradient<float>(
-        mlp_, comm_, params_,
-        ConstMatrixView<float>(x_[now].data(), rows, Eigen::Index(train_.cols)),
-        ConstMatrixView<float>(y_[now].data(), rows, Eigen::Index(k)), grad_, &times_,
-        next_batch.empty() ? LayerDone() : LayerDone(prefetch), config_.overlap);
+    const ConstMatrixView<float> x(x_[now].data(), rows, Eigen::Index(train_.cols));
+    const ConstMatrixView<float> y(y_[now].data(), rows, Eigen::Index(k));
+    const LayerDone before_wait = next_batch.empty() ? LayerDone() : LayerDone(prefetch);
+    if (chunk > 0) {
+      return reduce_minibatch_gradient_deterministic(mlp_, comm_, params_, x, y, chunk,
+                                                     global_batch.size(), deterministic_, grad_,
+                                                     &times_, before_wait);
+    }
+    return reduce_minibatch_gradient<float>(mlp_, comm_, params_, x, y, grad_, &times_,
+                                            before_wait, config_.overlap);
   });
   if (!next_batch.empty()) {
     prefetched_ = next_batch;
@@ -216,32 +226,51 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
 }
 
 EvalStats evaluate_dataset(Mlp<float>& mlp, Communicator& comm, std::span<const float> params,
-                           const Dataset& data, std::size_t eval_batch) {
+                           const Dataset& data, std::size_t eval_batch, std::size_t chunk) {
   const std::size_t k = mlp.spec().output_width();
-  const Range mine = shard_range(data.rows, comm.rank(), comm.size());
-  const std::size_t chunk = std::max<std::size_t>(1, std::min(eval_batch, mine.size()));
-  AlignedVector<float> x(chunk * data.cols), y(chunk * k);
+  const Range mine = chunked_shard(data.rows, chunk, comm.rank(), comm.size());
+  // Deterministic passes hold whole chunks.
+  std::size_t pass = std::max<std::size_t>(1, std::min(eval_batch, mine.size()));
+  if (chunk > 0) pass = std::max(chunk, pass / chunk * chunk);
+  AlignedVector<float> x(pass * data.cols), y(pass * k);
   std::vector<std::uint32_t> indices;
+  std::vector<double> chunk_losses;
   double sums[3] = {0, 0, double(mine.size())};
-  for (std::size_t begin = mine.begin; begin < mine.end; begin += chunk) {
-    const std::size_t end = std::min(mine.end, begin + chunk);
+  for (std::size_t begin = mine.begin; begin < mine.end; begin += pass) {
+    const std::size_t end = std::min(mine.end, begin + pass);
     indices.resize(end - begin);
     std::iota(indices.begin(), indices.end(), std::uint32_t(begin));
     gather(data, indices, k, x.data(), y.data());
     const auto rows = Eigen::Index(indices.size());
-    const LossSums s =
-        mlp.evaluate(params, ConstMatrixView<float>(x.data(), rows, Eigen::Index(data.cols)),
-                     ConstMatrixView<float>(y.data(), rows, Eigen::Index(k)));
-    sums[0] += s.loss;
-    sums[1] += s.correct;
+    const ConstMatrixView<float> xs(x.data(), rows, Eigen::Index(data.cols));
+    const ConstMatrixView<float> ys(y.data(), rows, Eigen::Index(k));
+    if (chunk > 0) {
+      for (const LossSums& s : mlp.forward_chunks(params, xs, ys, chunk)) {
+        chunk_losses.push_back(s.loss);
+        sums[1] += s.correct;
+      }
+    } else {
+      const LossSums s = mlp.evaluate(params, xs, ys);
+      sums[0] += s.loss;
+      sums[1] += s.correct;
+    }
   }
-  comm.allreduce_sum(std::span<double>(sums));
+  if (chunk > 0) {  // counts are integers, exact in any order
+    sums[0] = exact_sum(comm, chunk_losses, (data.rows + chunk - 1) / chunk);
+    std::int64_t counts[2] = {std::int64_t(sums[1]), std::int64_t(sums[2])};
+    comm.allreduce_sum(std::span<std::int64_t>(counts));
+    sums[1] = double(counts[0]);
+    sums[2] = double(counts[1]);
+  } else {
+    comm.allreduce_sum(std::span<double>(sums));
+  }
   return {sums[0] / sums[2], sums[1] / sums[2], std::size_t(sums[2])};
 }
 
 EvalStats Trainer::evaluate(const Dataset& data) {
   return naming_step(state_.step, "evaluation after step ", [&] {
-    return evaluate_dataset(mlp_, comm_, params_, data, config_.eval_batch);
+    return evaluate_dataset(mlp_, comm_, params_, data, config_.eval_batch,
+                            config_.deterministic_chunk);
   });
 }
 

@@ -23,17 +23,21 @@ class Communicator {
   // In-place elementwise sum over all ranks; every rank receives the same values.
   virtual void allreduce_sum(std::span<float> data) = 0;
   virtual void allreduce_sum(std::span<double> data) = 0;
+  virtual void allreduce_sum(std::span<std::int64_t> data) = 0;
   // Starts an in-place sum of `data` over all ranks, finished by wait_all(). Every rank
   // starts the same reductions in the same order, and leaves `data` alone until wait_all()
   // returns. This default reduces at once.
   virtual void start_allreduce_sum(std::span<float> data) { allreduce_sum(data); }
   virtual void start_allreduce_sum(std::span<double> data) { allreduce_sum(data); }
+  virtual void start_allreduce_sum(std::span<std::int64_t> data) { allreduce_sum(data); }
   // Lets started reductions advance while the caller computes.
   virtual void progress() {}
   // Completes every started reduction.
   virtual void wait_all() {}
   // The largest of the ranks' values.
   virtual std::int64_t allreduce_max(std::int64_t value) = 0;
+  // In-place elementwise maximum over all ranks (values must not be NaN).
+  virtual void allreduce_max(std::span<double> data) = 0;
   // Copies root's bytes to every rank.
   virtual void broadcast(std::span<std::byte> data, int root) = 0;
 
@@ -96,13 +100,18 @@ class MpiComm final : public Communicator {
   // MPI_Iallreduce; a failed or abandoned step leaves requests that MPI_Finalize or
   // MPI_Abort reclaim (never a wait in the destructor).
   void start_allreduce_sum(std::span<float> data) override;
+  void allreduce_sum(std::span<std::int64_t> data) override;
   void start_allreduce_sum(std::span<double> data) override;
+  void start_allreduce_sum(std::span<std::int64_t> data) override;
   void progress() override;
   void wait_all() override;
   std::int64_t allreduce_max(std::int64_t value) override;
+  void allreduce_max(std::span<double> data) override;
   void broadcast(std::span<std::byte> data, int root) override;
 
  private:
+  // A blocking in-place MPI_Allreduce (or its nonblocking form under a timeout).
+  void allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op);
   void start(void* data, std::size_t count, MPI_Datatype type);
   // Waits for `requests`, or throws CollectiveTimeout once the timeout has passed.
   void complete(std::span<MPI_Request> requests, const char* what);
@@ -128,8 +137,8 @@ class LocalGroup {
  private:
   class Member;
   friend class Member;
-  template <class T>
-  void allreduce(int rank, std::span<T> data);
+  template <class T, class Op>
+  void allreduce(int rank, std::span<T> data, Op op);
 
   int size_;
   std::barrier<> barrier_;

@@ -2,6 +2,8 @@
 // sample per row. Shapes are given as (rows, columns).
 #pragma once
 
+#include <cstdint>
+
 #include "shardprop/params.hpp"
 #include "shardprop/spec.hpp"
 
@@ -28,11 +30,11 @@ class LayerDone {
 
 
 // out = act(x·w + b). x (rows, in), w (in, out), b (out), out (rows, out).
-// Split over row blocks. The model passes identity for its output layer, whose activation
-// is fused with the loss.
+// Split over row blocks, or with split false computed by one call on the calling thread.
+// The model passes identity for its output layer, whose activation is fused with the loss.
 template <class T>
 void dense_forward(ConstMatrixView<T> x, ConstMatrixView<T> w, ConstRowVectorView<T> b,
-                   Activation act, MatrixView<T> out);
+                   Activation act, MatrixView<T> out, bool split = true);
 
 // dw += xᵀ·delta and db += column sums of delta (the summed bias rows).
 // x (rows, in), delta (rows, out), dw (in, out), db (out). Split over output columns, so
@@ -44,10 +46,39 @@ void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, Matri
                            RowVectorView<T> db, LayerDone progress = {});
 
 // dx = (delta·wᵀ) ⊙ act'(a_prev), the δ of the previous layer, whose activation `act_prev`
-// produced a_prev. delta (rows, out), w (in, out), a_prev and dx (rows, in). Split over row blocks.
+// produced a_prev. delta (rows, out), w (in, out), a_prev and dx (rows, in). Split over row
+// blocks, or with split false computed by one call on the calling thread.
 template <class T>
 void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
-                          ConstMatrixView<T> a_prev, Activation act_prev, MatrixView<T> dx);
+                          ConstMatrixView<T> a_prev, Activation act_prev, MatrixView<T> dx,
+                          bool split = true);
+
+// Runs body(c) for c in [0, chunks), in parallel, each on one thread.
+void for_each_chunk(std::size_t chunks, LayerDone body);
+
+// The deterministic mode's parameter gradient: for every chunk of `chunk` consecutive rows
+// (the last may be shorter) computes dW = xᵀ·delta and db = column sums of delta over the
+// chunk in T, and adds round(dW·2^w_exp) to dw and round(db·2^b_exp) to db as integers.
+// Each chunk's products come from calls that depend on the chunk and the shapes alone (fixed
+// blocks, never the thread count), and integer sums are exact, so the result is the same
+// whichever rank or thread holds which chunks. x (rows, in), delta (rows, out); dw (in × out,
+// row-major) and db (out); scratch holds in × out values. The caller chooses the exponents so
+// that no sum can overflow (see fixed_point_exponent).
+template <class T>
+void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
+                                 std::size_t chunk, int w_exp, int b_exp, std::int64_t* dw,
+                                 std::int64_t* db, T* scratch);
+
+// The largest |value| that the chunk gradients of dense_backward_params_fixed can reach,
+// over the chunks of x and delta: for W, max|x| · Σ_rows max_j |delta_rj| of a chunk, and for
+// b, Σ_rows max_j |delta_rj|. Computed in double, in an order fixed by the chunk. Non-finite
+// input gives +inf.
+struct GradientBound {
+  double w = 0, b = 0;
+};
+template <class T>
+GradientBound chunk_gradient_bound(ConstMatrixView<T> x, ConstMatrixView<T> delta,
+                                   std::size_t chunk);
 
 // Applies an elementwise activation in place (identity, sigmoid, tanh, relu).
 template <class T>

@@ -40,6 +40,19 @@ class Mlp {
                             ConstMatrixView<T> y, std::span<T> grad_sum,
                             LayerDone layer_done = {}, LayerDone progress = {});
 
+  // The deterministic mode's passes. The rows of x go in chunks of `chunk` consecutive rows
+  // (the last may be shorter); each chunk is computed by the same single-threaded kernel
+  // calls whichever thread runs it, and the chunks run in parallel, so a row's results depend
+  // on its chunk alone. forward_chunks runs the forward pass and, given targets y, the output
+  // δ; it returns each chunk's loss sums. Then backward_input_chunks(l) computes the δ of
+  // layer l − 1 from that of layer l, for l from the last layer down to 1.
+  std::span<const LossSums> forward_chunks(std::span<const T> params, ConstMatrixView<T> x,
+                                           ConstMatrixView<T> y, std::size_t chunk);
+  void backward_input_chunks(std::span<const T> params, std::size_t layer, std::size_t chunk);
+  // After forward_chunks on x: layer l's input, and its δ once backward has reached it.
+  ConstMatrixView<T> input_of(std::size_t layer, ConstMatrixView<T> x);
+  ConstMatrixView<T> delta_of(std::size_t layer);
+
  private:
   MatrixView<T> activation(std::size_t layer, std::size_t rows);
   MatrixView<T> delta(std::size_t which, std::size_t rows, std::size_t cols);
@@ -51,6 +64,8 @@ class Mlp {
   std::size_t max_width_ = 0;
   std::vector<AlignedVector<T>> acts_;  // per layer: (rows, out) activations
   AlignedVector<T> delta_[2];           // ping-pong δ buffers: (rows, widest layer)
+  std::size_t rows_ = 0;                // rows of the last forward_chunks
+  std::vector<LossSums> chunk_sums_;
 };
 
 }  // namespace shardprop

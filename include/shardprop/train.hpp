@@ -48,6 +48,44 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
                                          StepTimes* times = nullptr, LayerDone before_wait = {},
                                          bool overlap = true);
 
+// Deterministic mode (docs/reproducibility.md): gradients and statistics that do not depend
+// on the number of ranks or threads or on the reduction order. Every global minibatch is cut
+// into chunks of a fixed number of rows, each computed by the same kernel calls wherever it
+// runs, and the chunks' sums are added as integers, rounded to a fixed point that every rank
+// agrees on.
+
+// The exponent s such that `terms` values of magnitude at most `bound` (give or take float
+// rounding), each added as round(v·2^s), cannot overflow an int64 in any order:
+// bound·2^s < 2^(61 − ⌈log2 terms⌉). 0 when bound is 0.
+int fixed_point_exponent(double bound, std::size_t terms);
+
+// The sum over all ranks of `values`, this rank's share of `terms` values in all, added in
+// fixed point: the same bits in any order. +inf if a value is not finite.
+double exact_sum(Communicator& comm, std::span<const double> values, std::size_t terms);
+
+// A rank's part of the global rows [0, rows) when chunks of `chunk` rows (0: none, plain
+// shards) are dealt out in contiguous runs, so that shard edges fall on chunk edges.
+Range chunked_shard(std::size_t rows, std::size_t chunk, int rank, int size);
+
+// Workspace of reduce_minibatch_gradient_deterministic; sized on first use.
+struct DeterministicBuffers {
+  std::vector<std::int64_t> sums;  // fixed-point gradient and statistics
+  AlignedVector<float> scratch;    // one layer's chunk products
+  std::vector<int> exponents;      // each layer's W and b exponents
+};
+
+// reduce_minibatch_gradient's deterministic form. x and y are this rank's rows of a global
+// minibatch of `global_rows` rows, starting on a chunk edge (chunked_shard). Each chunk's
+// gradient sums are rounded to multiples of 2^−s, with s per tensor from the largest bound
+// over all chunks (one small MPI_MAX per layer), and added as int64, on the rank and in the
+// allreduce. The mean gradient in grad[0, n), and the returned loss and counts, are then the
+// same bits for any number of ranks and threads.
+MinibatchStats reduce_minibatch_gradient_deterministic(
+    Mlp<float>& mlp, Communicator& comm, std::span<const float> params, ConstMatrixView<float> x,
+    ConstMatrixView<float> y, std::size_t chunk, std::size_t global_rows,
+    DeterministicBuffers& buffers, std::span<float> grad, StepTimes* times = nullptr,
+    LayerDone before_wait = {});
+
 struct TrainConfig {
   std::size_t batch = 256;         // global minibatch
   std::size_t epochs = 10;
@@ -60,6 +98,8 @@ struct TrainConfig {
   OptimizerConfig optimizer;       // optimizer.lr is the base learning rate
   bool cosine_schedule = false;    // lr·½(1 + cos(π·step/total steps)) instead of constant lr
   bool overlap = true;             // reduce each layer's gradient while backward goes on
+  // Rows per chunk of the deterministic mode; 0 is the default mode.
+  std::size_t deterministic_chunk = 0;
 };
 
 // Where training stands: enough, with the parameters and optimizer state, to continue.
@@ -147,6 +187,7 @@ class Trainer {
   const Dataset& train_;
   Mlp<float> mlp_;
   AlignedVector<float> params_, grad_;
+  DeterministicBuffers deterministic_;
   AlignedVector<float> x_[2], y_[2];  // this step's rows and the next one's
   int current_ = 0;
   std::span<const std::uint32_t> prefetched_;  // the batch gathered into x_[current_]
@@ -158,9 +199,11 @@ class Trainer {
 };
 
 // Loss and accuracy of `params` over a whole data set, each rank evaluating its contiguous
-// slice in chunks of `eval_batch` rows; every rank gets the totals.
+// slice in passes of `eval_batch` rows; every rank gets the totals. With `chunk` > 0 the
+// deterministic mode's: the data set's chunks are dealt out as in training and the chunks'
+// losses added in fixed point, so the totals are the same bits for any ranks and threads.
 EvalStats evaluate_dataset(Mlp<float>& mlp, Communicator& comm, std::span<const float> params,
-                           const Dataset& data, std::size_t eval_batch);
+                           const Dataset& data, std::size_t eval_batch, std::size_t chunk = 0);
 
 // One JSON object (no newline) with the epoch's metrics.
 std::string metrics_json(const EpochStats& stats, int ranks, int threads);
