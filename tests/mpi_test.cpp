@@ -1,4 +1,4 @@
-// Run by ctest under `mpirun -np 2` and `-np 3`: every rank's reduced gradient equals the
+// Run by ctest under `mpirun -np 2` and `-np 3` (the deterministic test also under 1 and 4): every rank's reduced gradient equals the
 // full-batch gradient that rank computes alone, and parameters stay identical on all ranks.
 // Tolerances as in reduce_test.cpp (2e-6 float, 1e-13 double, relative to each tensor's
 // largest entry): the shards only change the order of the sums.
@@ -7,7 +7,9 @@
 
 #include <array>
 #include <chrono>
+#include <cstring>
 #include <thread>
+#include <oneapi/tbb/global_control.h>
 
 #include "shardprop/comm.hpp"
 #include "shardprop/train.hpp"
@@ -87,6 +89,43 @@ TEST(Mpi, ParametersStayIdenticalOnAllRanksAndMatchOneRank) {
   const EvalStats e1 = single.evaluate(data);
   EXPECT_EQ(e.samples, 101u);
   EXPECT_NEAR(e.loss, e1.loss, 1e-4);
+}
+
+// The deterministic mode: training on these ranks, with 1 and then 2 oneTBB threads per
+// rank, ends with the bits of the same training on one rank alone with one thread, and so
+// does the evaluation. ctest runs this under 1 to 4 ranks, and with Open MPI's allreduce
+// algorithms forced one by one (blocking: coll_tuned; nonblocking: coll_libnbc).
+TEST(Mpi, DeterministicTrainingHasOneRanksBits) {
+  const Dataset data = testing::noisy_classes(203, 6, 3, 1.0);
+  const ModelSpec spec = parse_model("6,24:relu,12:tanh,3:softmax", "xent");
+  TrainConfig config;
+  config.batch = 40;  // 5 chunks of 8: uneven over 2, 3 and 4 ranks; each epoch ends short
+  config.epochs = 3;
+  config.optimizer.lr = 0.1;
+  config.deterministic_chunk = 8;
+  TrainObserver quiet;
+  LocalGroup alone(1);
+  std::vector<float> reference;
+  EvalStats reference_eval;
+  {
+    const oneapi::tbb::global_control one(oneapi::tbb::global_control::max_allowed_parallelism, 1);
+    Trainer single(spec, config, alone.member(0), data);
+    single.run(nullptr, quiet);
+    reference.assign(single.params().begin(), single.params().end());
+    reference_eval = single.evaluate(data);
+  }
+  for (std::size_t threads : {1u, 2u}) {
+    const oneapi::tbb::global_control limit(oneapi::tbb::global_control::max_allowed_parallelism,
+                                            threads);
+    Trainer trainer(spec, config, *world, data);
+    trainer.run(nullptr, quiet);
+    EXPECT_EQ(trainer.state().step, 18u);
+    EXPECT_EQ(std::memcmp(trainer.params().data(), reference.data(), reference.size() * sizeof(float)), 0)
+        << world->size() << " ranks x " << threads << " threads, rank " << world->rank();
+    const EvalStats e = trainer.evaluate(data);
+    EXPECT_EQ(e.loss, reference_eval.loss);
+    EXPECT_EQ(e.accuracy, reference_eval.accuracy);
+  }
 }
 
 // A rank that does not join a collective in time makes the waiting ranks throw
