@@ -588,6 +588,11 @@ int run_info(const std::string& path, const sp::MpiComm& comm) {
               (unsigned long long)t.seed,
               t.max_steps < 0 ? "none" : std::to_string(t.max_steps).c_str(),
               thousands(c.train_rows).c_str(), (unsigned long long)c.train_cols);
+  if (t.deterministic_chunk > 0) {
+    std::printf("  mode       deterministic, chunks of %zu rows\n", t.deterministic_chunk);
+  } else {
+    std::printf("  mode       default (sums follow the ranks)\n");
+  }
   std::printf("  written by %lld rank%s x %lld thread%s\n", (long long)c.world_size,
               c.world_size == 1 ? "" : "s", (long long)c.threads, c.threads == 1 ? "" : "s");
   const std::uint32_t computed = sp::checkpoint_checksum(c);

@@ -54,12 +54,14 @@ int posix_memalign(void** out, std::size_t align, std::size_t n) {
 namespace shardprop {
 namespace {
 
-void expect_no_allocation(const char* layers, std::size_t batch, int threads) {
+void expect_no_allocation(const char* layers, std::size_t batch, int threads,
+                          std::size_t deterministic_chunk = 0) {
   const oneapi::tbb::global_control limit(oneapi::tbb::global_control::max_allowed_parallelism,
                                           std::size_t(threads));
   const Dataset data = testing::noisy_classes(600, 64, 10, 1.0);
   TrainConfig config;
   config.batch = batch;
+  config.deterministic_chunk = deterministic_chunk;
   LocalGroup one(1);
   Trainer trainer(parse_model(layers, "xent"), config, one.member(0), data);
   std::vector<std::uint32_t> order;
@@ -73,7 +75,8 @@ void expect_no_allocation(const char* layers, std::size_t batch, int threads) {
   counting = true;
   for (std::size_t k = 5; k < 25; ++k) step(k);
   counting = false;
-  EXPECT_EQ(allocations.load(), 0) << layers << " batch " << batch << ", " << threads << " threads";
+  EXPECT_EQ(allocations.load(), 0) << layers << " batch " << batch << ", " << threads
+                                    << " threads, chunk " << deterministic_chunk;
 }
 
 TEST(Allocation, SteadyStateStepAllocatesNothing) {
@@ -83,6 +86,8 @@ TEST(Allocation, SteadyStateStepAllocatesNothing) {
   expect_no_allocation("64,32:relu,10:softmax", 16, 1);
   expect_no_allocation("64,256:relu,256:tanh,10:softmax", 128, 1);
   expect_no_allocation("64,256:relu,256:tanh,10:softmax", 128, 2);
+  expect_no_allocation("64,256:relu,256:tanh,10:softmax", 128, 1, 32);
+  expect_no_allocation("64,300:relu,10:softmax", 100, 2, 16);
 }
 
 // The counter works: it sees an allocation that happens.

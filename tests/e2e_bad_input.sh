@@ -121,6 +121,8 @@ done
 expect_fail "--lr" "abc" -- "${t[@]}" --lr abc
 expect_fail "--momentum" "1.5" -- "${t[@]}" --momentum 1.5
 expect_fail "--collective-timeout" "-3" -- "${t[@]}" --collective-timeout -3
+expect_fail "--chunk" "0" -- "${t[@]}" --deterministic --chunk 0
+expect_fail "--chunk needs --deterministic" -- "${t[@]}" --chunk 8
 # --layers and --loss.
 expect_fail "--layers" "empty" -- train --train train.h5 --layers ""
 expect_fail "--layers" "width 0" -- train --train train.h5 --layers 10,0,4
