@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <numeric>
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/info.h>
@@ -122,7 +123,7 @@ struct Workload {
 };
 
 struct Result {
-  std::string workload, layers;
+  std::string workload, mode, layers;
   std::size_t batch = 0;
   int ranks = 0, threads = 0;
   std::vector<double> window_rates;
@@ -130,62 +131,87 @@ struct Result {
   double step_ms = 0, compute_ms = 0, allreduce_ms = 0, rest_ms = 0, peak_rss_mb = 0;
 };
 
-// Everything but the efficiency, which needs the limit measured after all cases.
-Result run_case(Communicator& comm, const Workload& w, const Dataset& data, int threads,
-                const Args& args) {
+// Everything but the efficiency, which needs the limit measured after all cases. One result
+// per mode: the default mode, then with --deterministic the deterministic one; their timed
+// windows alternate, so a drift in the machine's speed touches both alike.
+std::vector<Result> run_case(Communicator& comm, const Workload& w, const Dataset& data,
+                             int threads, const Args& args) {
   const oneapi::tbb::global_control parallelism(
       oneapi::tbb::global_control::max_allowed_parallelism, std::size_t(threads));
   const ModelSpec spec = parse_model(w.layers, "xent");
-  TrainConfig config;
-  config.batch = w.batch;
-  config.epochs = 1u << 20;
-  config.optimizer.lr = 0.01;
-  Trainer trainer(spec, config, comm, data);
+  std::vector<std::size_t> chunks{0};
+  if (args.deterministic_chunk > 0) chunks.push_back(args.deterministic_chunk);
   std::vector<std::uint32_t> order;
   epoch_permutation(data.rows, 1, 0, order);
   const std::size_t batches = data.rows / w.batch;
-  std::size_t next = 0;
   const auto batch = [&](std::size_t k) {
     return std::span<const std::uint32_t>(order).subspan((k % batches) * w.batch, w.batch);
   };
-  const auto step = [&] {  // as in training: the next batch is gathered during this step
-    trainer.step(batch(next), batch(next + 1));
-    ++next;
+  struct Mode {
+    std::unique_ptr<Trainer> trainer;
+    std::size_t next = 0;
+    std::int64_t per_window = 0;
+    void step(const decltype(batch)& batch) {  // as in training: the next batch is gathered during this step
+      trainer->step(batch(next), batch(next + 1));
+      ++next;
+    }
   };
-  for (int i = 0; i < args.warmup; ++i) step();
-  // Steps per window from a short calibration, agreed on by all ranks (rank 0's).
-  auto start = clock::now();
-  for (int i = 0; i < 5; ++i) step();
-  std::int64_t per_window = std::max<std::int64_t>(3, std::int64_t(args.window_s / (seconds_since(start) / 5)));
-  comm.broadcast_values(std::span<std::int64_t>(&per_window, 1), 0);
+  std::vector<Mode> modes(chunks.size());
+  for (std::size_t m = 0; m < chunks.size(); ++m) {
+    TrainConfig config;
+    config.batch = w.batch;
+    config.epochs = 1u << 20;
+    config.optimizer.lr = 0.01;
+    config.deterministic_chunk = chunks[m];
+    Mode& mode = modes[m];
+    mode.trainer = std::make_unique<Trainer>(spec, config, comm, data);
+    for (int i = 0; i < args.warmup; ++i) mode.step(batch);
+    // Steps per window from a short calibration, agreed on by all ranks (rank 0's).
+    const auto start = clock::now();
+    for (int i = 0; i < 5; ++i) mode.step(batch);
+    mode.per_window = std::max<std::int64_t>(3, std::int64_t(args.window_s / (seconds_since(start) / 5)));
+    comm.broadcast_values(std::span<std::int64_t>(&mode.per_window, 1), 0);
+  }
 
   reset_peak_rss();
-  trainer.reset_step_times();
-  Result r;
-  r.workload = w.name;
-  r.layers = spec.layers_string();
-  r.batch = w.batch;
-  r.ranks = comm.size();
-  r.threads = threads;
+  std::vector<Result> results(modes.size());
+  for (std::size_t m = 0; m < modes.size(); ++m) {
+    modes[m].trainer->reset_step_times();
+    Result& r = results[m];
+    r.workload = w.name;
+    r.mode = chunks[m] > 0 ? "deterministic" : "default";
+    r.layers = spec.layers_string();
+    r.batch = w.batch;
+    r.ranks = comm.size();
+    r.threads = threads;
+  }
   for (int window = 0; window < args.windows; ++window) {
-    start = clock::now();
-    for (std::int64_t i = 0; i < per_window; ++i) step();
-    r.window_rates.push_back(double(per_window) * double(w.batch) / seconds_since(start));
+    for (std::size_t m = 0; m < modes.size(); ++m) {
+      const auto start = clock::now();
+      for (std::int64_t i = 0; i < modes[m].per_window; ++i) modes[m].step(batch);
+      results[m].window_rates.push_back(double(modes[m].per_window) * double(w.batch) /
+                                        seconds_since(start));
+    }
   }
   // Every rank took part in every step's allreduce, so rank 0's windows time the job; the
-  // split of a step is averaged over the ranks, the memory is the largest rank's.
-  const StepTimes& t = trainer.step_times();
-  double split[3] = {t.compute, t.allreduce, t.total};
-  comm.allreduce_sum(std::span<double>(split));
-  const double per_step_ms = 1e3 / double(t.steps) / comm.size();
-  r.compute_ms = split[0] * per_step_ms;
-  r.allreduce_ms = split[1] * per_step_ms;
-  r.step_ms = split[2] * per_step_ms;
-  r.rest_ms = r.step_ms - r.compute_ms - r.allreduce_ms;
-  r.peak_rss_mb = double(comm.allreduce_max(std::int64_t(peak_rss_mb() * 1024))) / 1024;
-  r.samples_per_s = median(r.window_rates);
-  r.gflops = r.samples_per_s * flops_per_sample(spec) / 1e9;
-  return r;
+  // split of a step is averaged over the ranks, the memory is the largest rank's (of both
+  // modes together when they alternate).
+  const double peak = double(comm.allreduce_max(std::int64_t(peak_rss_mb() * 1024))) / 1024;
+  for (std::size_t m = 0; m < modes.size(); ++m) {
+    Result& r = results[m];
+    const StepTimes& t = modes[m].trainer->step_times();
+    double split[3] = {t.compute, t.allreduce, t.total};
+    comm.allreduce_sum(std::span<double>(split));
+    const double per_step_ms = 1e3 / double(t.steps) / comm.size();
+    r.compute_ms = split[0] * per_step_ms;
+    r.allreduce_ms = split[1] * per_step_ms;
+    r.step_ms = split[2] * per_step_ms;
+    r.rest_ms = r.step_ms - r.compute_ms - r.allreduce_ms;
+    r.peak_rss_mb = peak;
+    r.samples_per_s = median(r.window_rates);
+    r.gflops = r.samples_per_s * flops_per_sample(spec) / 1e9;
+  }
+  return results;
 }
 
 Dataset load_or_make(const std::string& path, bool& real) {
@@ -236,7 +262,8 @@ std::string to_json(const Gemm& start, const Gemm& end, const std::vector<Result
     << ", \"at_end\": " << gemm_json(end) << "},\n  \"cases\": [\n";
   for (std::size_t i = 0; i < results.size(); ++i) {
     const Result& r = results[i];
-    j << "    {\"workload\": \"" << r.workload << "\", \"layers\": \"" << r.layers
+    j << "    {\"workload\": \"" << r.workload << "\", \"mode\": \"" << r.mode
+      << "\", \"layers\": \"" << r.layers
       << "\", \"batch\": " << r.batch << ", \"ranks\": " << r.ranks << ", \"threads\": " << r.threads
       << ", \"samples_per_s\": " << json_number(r.samples_per_s) << ", \"windows\": [";
     for (std::size_t k = 0; k < r.window_rates.size(); ++k) {
@@ -281,14 +308,15 @@ int run(const Args& args, MpiComm& world) {
     for (int threads : {1, 2}) {
       if (root) {
         MpiComm self(MPI_COMM_SELF);
-        results.push_back(run_case(self, w, data, threads, args));
+        for (Result& r : run_case(self, w, data, threads, args)) results.push_back(std::move(r));
         self.free();
       }
       wait_for_rank0(world);
     }
     if (world.size() == 2) {
-      Result r = run_case(world, w, data, 1, args);
-      if (root) results.push_back(r);
+      for (Result& r : run_case(world, w, data, 1, args)) {
+        if (root) results.push_back(std::move(r));
+      }
     }
   }
   const Gemm at_end = measure();
@@ -304,28 +332,45 @@ int run(const Args& args, MpiComm& world) {
   std::printf("limit: %.1f GFLOP/s per core, the best of these (training uses %s)\n",
               gemm.limit(), SHARDPROP_TRAINING_GEMM);
   std::printf("data: %s\n\n", real ? args.data_path.c_str() : "synthetic, 60000 x 784, 10 classes");
-  std::printf("%-6s %-13s %10s %8s %6s %8s %8s %9s %7s %8s\n", "case", "ranks x thr",
-              "samples/s", "GFLOP/s", "eff", "step ms", "compute", "allreduce", "rest",
-              "peak MB");
+  std::printf("%-6s %-13s %-13s %10s %8s %6s %8s %8s %9s %7s %8s\n", "case", "mode",
+              "ranks x thr", "samples/s", "GFLOP/s", "eff", "step ms", "compute", "allreduce",
+              "rest", "peak MB");
   for (Result& r : results) {
     r.efficiency = r.gflops / (double(r.ranks * r.threads) * gemm.limit());
-    std::printf("%-6s %5d x %-5d %10.0f %8.1f %6.3f %8.3f %8.3f %9.3f %7.3f %8.1f\n",
-                r.workload.c_str(), r.ranks, r.threads, r.samples_per_s, r.gflops, r.efficiency,
-                r.step_ms, r.compute_ms, r.allreduce_ms, r.rest_ms, r.peak_rss_mb);
+    std::printf("%-6s %-13s %5d x %-5d %10.0f %8.1f %6.3f %8.3f %8.3f %9.3f %7.3f %8.1f\n",
+                r.workload.c_str(), r.mode.c_str(), r.ranks, r.threads, r.samples_per_s, r.gflops,
+                r.efficiency, r.step_ms, r.compute_ms, r.allreduce_ms, r.rest_ms, r.peak_rss_mb);
   }
   std::printf("\n");
-  const auto find = [&](const char* workload, int ranks, int threads) -> const Result* {
+  const auto find = [&](const char* workload, const char* mode, int ranks,
+                        int threads) -> const Result* {
     for (const Result& r : results) {
-      if (r.workload == workload && r.ranks == ranks && r.threads == threads) return &r;
+      if (r.workload == workload && r.mode == mode && r.ranks == ranks && r.threads == threads) {
+        return &r;
+      }
     }
     return nullptr;
   };
   for (const Workload& w : workloads) {
-    const Result* base = find(w.name, 1, 1);
+    const Result* base = find(w.name, "default", 1, 1);
     for (const auto& [ranks, threads] : {std::pair{1, 2}, std::pair{2, 1}}) {
-      if (const Result* r = find(w.name, ranks, threads)) {
+      if (const Result* r = find(w.name, "default", ranks, threads)) {
         std::printf("%s: %d x %d is %.2fx the samples/s of 1 x 1\n", w.name, ranks, threads,
                     r->samples_per_s / base->samples_per_s);
+      }
+    }
+  }
+  if (args.deterministic_chunk > 0) {
+    std::printf("\ndeterministic mode (chunks of %zu rows) against the default mode:\n",
+                args.deterministic_chunk);
+    for (const Workload& w : workloads) {
+      for (const auto& [ranks, threads] : {std::pair{1, 1}, std::pair{1, 2}, std::pair{2, 1}}) {
+        const Result* d = find(w.name, "deterministic", ranks, threads);
+        const Result* base = find(w.name, "default", ranks, threads);
+        if (d && base) {
+          std::printf("%s: %d x %d keeps %.2f of the default's samples/s\n", w.name, ranks,
+                      threads, d->samples_per_s / base->samples_per_s);
+        }
       }
     }
   }

@@ -13,6 +13,9 @@ struct Args {
   int windows = 7;        // timed windows per case; the median is reported
   double window_s = 0.6;  // seconds per window (steps are fixed after a calibration)
   int warmup = 10;        // untimed steps before the windows
+  // > 0: every case also runs in the deterministic mode with chunks of this many rows, its
+  // windows alternating with the default mode's.
+  std::size_t deterministic_chunk = 0;
 };
 
 // Runs under mpirun with 2 ranks (or 1: the 2-rank cases are then skipped). Rank 0 prints

@@ -723,6 +723,12 @@ int main(int argc, char** argv) {
       ->check(number_above(0, false))->capture_default_str();
   bench->add_option("--warmup", bn.warmup, "Untimed steps before timing")
       ->check(number_above(0, true))->capture_default_str();
+  bool bench_deterministic = false;
+  std::size_t bench_chunk = 32;
+  bench->add_flag("--deterministic", bench_deterministic,
+                  "Also time every case in the deterministic mode, alternating with the default");
+  bench->add_option("--chunk", bench_chunk, "Rows per chunk of the deterministic mode")
+      ->check(number_above(0, false))->capture_default_str();
 
   // Every subcommand that runs collectives gives up on a rank that stops answering.
   double collective_timeout = 300;
@@ -783,6 +789,7 @@ int main(int argc, char** argv) {
     } else if (eval->parsed()) {
       status = run_eval(ev, comm);
     } else if (bench->parsed()) {
+      bn.deterministic_chunk = bench_deterministic ? bench_chunk : 0;
       status = sp::bench::run(bn, comm);
     } else if (predict->parsed()) {
       status = run_predict(pr, comm);

@@ -63,8 +63,11 @@ MinibatchStats reduce_minibatch_gradient_deterministic(
   SP_CHECK(grad.size() == n + kGradStats, "gradient buffer has ", grad.size(),
            " elements, expected ", n + kGradStats);
   SP_CHECK(chunk > 0 && global_rows > 0, "deterministic reduction needs a chunk size and rows");
+  // The kernel sets each entry from the rank's first chunk, so the sums need no clearing;
+  // the padding between tensors is zeroed once and never written.
   std::vector<std::int64_t>& sums = buffers.sums;
-  sums.assign(n + kGradStats, 0);  // allocates on the first step only
+  if (sums.size() != n + kGradStats) sums.assign(n + kGradStats, 0);
+  std::fill(sums.begin() + std::ptrdiff_t(n), sums.end(), 0);
   std::size_t widest = 0;
   for (std::size_t l = 0; l < layers; ++l) {
     widest = std::max(widest, layout.block(l).in * layout.block(l).out);
@@ -107,12 +110,14 @@ MinibatchStats reduce_minibatch_gradient_deterministic(
       w_exp[l] = fixed_point_exponent(agreed[0], terms);
       b_exp[l] = fixed_point_exponent(agreed[1], terms);
       const Layout::Block& block = layout.block(l);
+      const auto [begin, end] = layout.layer_range(l);
       if (mine) {
         dense_backward_params_fixed<float>(mlp.input_of(l, x), mlp.delta_of(l), chunk, w_exp[l],
                                            b_exp[l], sums.data() + block.w_offset,
                                            sums.data() + block.b_offset, buffers.scratch.data());
+      } else {
+        std::fill(sums.begin() + std::ptrdiff_t(begin), sums.begin() + std::ptrdiff_t(end), 0);
       }
-      const auto [begin, end] = layout.layer_range(l);
       comm.start_allreduce_sum(std::span<std::int64_t>(sums).subspan(begin, end - begin));
       comm.progress();
     }
@@ -140,18 +145,17 @@ MinibatchStats reduce_minibatch_gradient_deterministic(
   grad[n + kCorrect] = float(stats.correct);
   grad[n + kSamples] = float(stats.samples);
   if (stats.nonfinite_layer >= 0) return stats;
-  // The mean: the exact sum scaled back and divided in double, then rounded once to float.
-  std::fill(grad.begin(), grad.begin() + std::ptrdiff_t(n), 0.0f);
+  // The mean: the exact sum times 2^−s/N in double, rounded once to float; zero padding.
   for (std::size_t l = 0; l < layers; ++l) {
     const Layout::Block& block = layout.block(l);
     const double w_unit = std::ldexp(1.0, -w_exp[l]) / stats.samples;
     const double b_unit = std::ldexp(1.0, -b_exp[l]) / stats.samples;
-    for (std::size_t i = block.w_offset; i < block.w_offset + block.in * block.out; ++i) {
-      grad[i] = float(double(sums[i]) * w_unit);
-    }
-    for (std::size_t i = block.b_offset; i < block.b_offset + block.out; ++i) {
-      grad[i] = float(double(sums[i]) * b_unit);
-    }
+    const std::size_t w_end = block.w_offset + block.in * block.out, b_end = block.b_offset + block.out;
+    const std::size_t next = l + 1 < layers ? layout.block(l + 1).w_offset : n;
+    for (std::size_t i = block.w_offset; i < w_end; ++i) grad[i] = float(double(sums[i]) * w_unit);
+    std::fill(grad.begin() + std::ptrdiff_t(w_end), grad.begin() + std::ptrdiff_t(block.b_offset), 0.0f);
+    for (std::size_t i = block.b_offset; i < b_end; ++i) grad[i] = float(double(sums[i]) * b_unit);
+    std::fill(grad.begin() + std::ptrdiff_t(b_end), grad.begin() + std::ptrdiff_t(next), 0.0f);
   }
   return stats;
 }

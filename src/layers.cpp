@@ -5,6 +5,7 @@
 #include <limits>
 #include <mutex>
 #include <type_traits>
+#include <Eigen/Core>
 #include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/parallel_for.h>
@@ -245,15 +246,113 @@ void for_each_chunk(std::size_t chunks, LayerDone body) {
 
 namespace {
 
+// A product applied chunk by chunk: for each chunk of `chunk` consecutive rows of `in`
+// (row-major, rows × depth), out_c = in_c · op(w), with op(w) depth × m. With Eigen's GEMM
+// the weights are packed once for its micro-kernel and each chunk is one call of that kernel
+// on its own packed rows: no chunk repacks the weights, and every chunk's call depends on its
+// rows alone. `transposed` w is stored m × depth (row-major), else depth × m. Then
+// epilogue(r0, n) runs on the same thread for the chunk's rows [r0, r0 + n).
+template <class T, class Epilogue>
+void chunked_product(const T* w, bool transposed, std::size_t m, std::size_t depth, const T* in,
+                     T* out, std::size_t rows, std::size_t chunk, T* packed_w, T* packed_rows,
+                     const Epilogue& epilogue) {
+  const std::size_t chunks = (rows + chunk - 1) / chunk;
+#ifdef SHARDPROP_USE_OPENBLAS
+  (void)packed_w;
+  (void)packed_rows;
+  for_each_chunk(chunks, [&](std::size_t c) {
+    const std::size_t r0 = c * chunk, n = std::min(chunk, rows - r0);
+    const auto d = Eigen::Index(depth), mm = Eigen::Index(m);
+    gemm<T>(Op::none, transposed ? Op::transpose : Op::none,
+            Strided<const T>{in + r0 * depth, Eigen::Index(n), d, d},
+            transposed ? Strided<const T>{w, mm, d, d} : Strided<const T>{w, d, mm, mm}, T(0),
+            Strided<T>{out + r0 * m, Eigen::Index(n), mm, mm});
+    epilogue(r0, n);
+  });
+#else
+  // Row-major out_c (n × m) is column-major out_cᵀ (m × n) = op(w)ᵀ (m × depth) · in_cᵀ.
+  namespace ei = Eigen::internal;
+  using Index = Eigen::Index;
+  using Traits = ei::gebp_traits<T, T>;
+  using RhsMapper = ei::const_blas_data_mapper<T, Index, Eigen::ColMajor>;
+  using ResMapper = ei::blas_data_mapper<T, Index, Eigen::ColMajor, Eigen::Unaligned, 1>;
+  const auto pack = [&](auto order) {
+    constexpr int kOrder = decltype(order)::value;
+    using LhsMapper = ei::const_blas_data_mapper<T, Index, kOrder>;
+    ei::gemm_pack_lhs<T, Index, LhsMapper, Traits::mr, Traits::LhsProgress,
+                      typename Traits::LhsPacket4Packing, kOrder>
+        pack_lhs;
+    pack_lhs(packed_w, LhsMapper(w, Index(transposed ? depth : m)), Index(depth), Index(m));
+  };
+  if (transposed) {
+    pack(std::integral_constant<int, Eigen::RowMajor>());
+  } else {
+    pack(std::integral_constant<int, Eigen::ColMajor>());
+  }
+  const std::size_t stride = (depth * chunk + 15) / 16 * 16;  // each chunk's packed rows aligned
+  for_each_chunk(chunks, [&](std::size_t c) {
+    const std::size_t r0 = c * chunk, n = std::min(chunk, rows - r0);
+    T* block = packed_rows + c * stride;
+    ei::gemm_pack_rhs<T, Index, RhsMapper, Traits::nr, Eigen::ColMajor> pack_rhs;
+    pack_rhs(block, RhsMapper(in + r0 * depth, Index(depth)), Index(depth), Index(n));
+    std::fill_n(out + r0 * m, n * m, T(0));
+    ei::gebp_kernel<T, T, Index, ResMapper, Traits::mr, Traits::nr, false, false> gebp;
+    gebp(ResMapper(out + r0 * m, Index(m)), packed_w, block, Index(m), Index(depth), Index(n), T(1));
+    epilogue(r0, n);
+  });
+#endif
+}
+
+}  // namespace
+
+std::size_t chunk_scratch_size(std::size_t rows, std::size_t chunk, std::size_t width) {
+  const std::size_t chunks = (rows + chunk - 1) / chunk;
+  return chunks * ((width * chunk + 15) / 16 * 16);
+}
+
+template <class T>
+void dense_forward_chunks(ConstMatrixView<T> x, ConstMatrixView<T> w, ConstRowVectorView<T> b,
+                          Activation act, MatrixView<T> out, std::size_t chunk, T* packed_w,
+                          T* packed_rows) {
+  const auto in = std::size_t(w.rows()), width = std::size_t(w.cols());
+  chunked_product(w.data(), false, width, in, x.data(), out.data(), std::size_t(x.rows()), chunk,
+                  packed_w, packed_rows, [&](std::size_t r0, std::size_t n) {
+                    auto z = out.middleRows(Eigen::Index(r0), Eigen::Index(n));
+                    z.rowwise() += b;
+                    activate<T>(act, z);
+                  });
+}
+
+template <class T>
+void dense_backward_input_chunks(ConstMatrixView<T> delta, ConstMatrixView<T> w,
+                                 ConstMatrixView<T> a_prev, Activation act_prev, MatrixView<T> dx,
+                                 std::size_t chunk, T* packed_w, T* packed_rows) {
+  const auto in = std::size_t(w.rows()), width = std::size_t(w.cols());
+  chunked_product(w.data(), true, in, width, delta.data(), dx.data(), std::size_t(delta.rows()),
+                  chunk, packed_w, packed_rows, [&](std::size_t r0, std::size_t n) {
+                    const auto r = Eigen::Index(r0), k = Eigen::Index(n);
+                    auto d = dx.middleRows(r, k);
+                    activation_derivative_mul<T>(act_prev, a_prev.middleRows(r, k), d);
+                  });
+}
+
+namespace {
+
 // The fixed blocks of dW that dense_backward_params_fixed computes one at a time: a block's
 // float products and its integers (256 × 256 of each) stay in a core's L2 cache while the
 // chunks are added.
 constexpr std::size_t kFixedBlock = 256;
 
-// acc[i] += round(v[i] · scale) for a power of two `scale`: exact in double, then rounded to
-// nearest (ties to even).
+// acc[i] += round(v[i] · scale) for a power of two `scale` (acc[i] = … for the first term):
+// exact in double, then rounded to nearest (ties to even).
 template <class T>
-void add_fixed(const T* v, std::size_t n, double scale, std::int64_t* acc) {
+void add_fixed(const T* v, std::size_t n, double scale, std::int64_t* acc, bool first) {
+  if (first) {
+    for (std::size_t i = 0; i < n; ++i) {
+      acc[i] = static_cast<std::int64_t>(std::nearbyint(double(v[i]) * scale));
+    }
+    return;
+  }
   for (std::size_t i = 0; i < n; ++i) {
     acc[i] += static_cast<std::int64_t>(std::nearbyint(double(v[i]) * scale));
   }
@@ -285,7 +384,7 @@ void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
                                Eigen::Index(out)},
               T(0), product);
       for (std::size_t i = 0; i < ni; ++i) {
-        add_fixed(product.data + i * out, nj, w_scale, dw + (i0 + i) * out + j0);
+        add_fixed(product.data + i * out, nj, w_scale, dw + (i0 + i) * out + j0, r0 == 0);
       }
       if (i0 != 0) continue;  // the bias once per column block
       std::fill_n(column_sums, nj, T(0));
@@ -293,7 +392,7 @@ void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
         const T* row = delta.data() + r * out + j0;
         for (std::size_t j = 0; j < nj; ++j) column_sums[j] += row[j];
       }
-      add_fixed(column_sums, nj, b_scale, db + j0);
+      add_fixed(column_sums, nj, b_scale, db + j0, r0 == 0);
     }
   });
 }
@@ -332,7 +431,13 @@ GradientBound chunk_gradient_bound(ConstMatrixView<T> x, ConstMatrixView<T> delt
                                                std::size_t, int, int, std::int64_t*,          \
                                                std::int64_t*, T*);                            \
   template GradientBound chunk_gradient_bound<T>(ConstMatrixView<T>, ConstMatrixView<T>,      \
-                                                 std::size_t);
+                                                 std::size_t);                                \
+  template void dense_forward_chunks<T>(ConstMatrixView<T>, ConstMatrixView<T>,               \
+                                        ConstRowVectorView<T>, Activation, MatrixView<T>,     \
+                                        std::size_t, T*, T*);                                 \
+  template void dense_backward_input_chunks<T>(ConstMatrixView<T>, ConstMatrixView<T>,        \
+                                               ConstMatrixView<T>, Activation, MatrixView<T>, \
+                                               std::size_t, T*, T*);
 SP_INSTANTIATE(float)
 SP_INSTANTIATE(double)
 #undef SP_INSTANTIATE

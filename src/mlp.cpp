@@ -129,29 +129,22 @@ std::span<const LossSums> Mlp<T>::forward_chunks(std::span<const T> params, Cons
            "targets are ", y.rows(), "x", y.cols(), ", expected ", rows_, "x",
            spec_.output_width());
   reserve(rows_);
+  reserve_chunk_scratch(chunk);
   const std::size_t chunks = (rows_ + chunk - 1) / chunk;
   chunk_sums_.resize(chunks);  // allocates only when a batch holds more chunks than before
   const std::size_t last = spec_.layers.size() - 1;
+  const auto rows = Eigen::Index(rows_);
+  for (std::size_t l = 0; l <= last; ++l) {
+    dense_forward_chunks<T>(input_of(l, x), layout_.weights(params, l), layout_.bias(params, l),
+                            l == last ? Activation::identity : spec_.layers[l].activation,
+                            activation(l, rows_), chunk, packed_w_.data(), packed_rows_.data());
+  }
+  const auto k = Eigen::Index(spec_.layers[last].out);
   for_each_chunk(chunks, [&](std::size_t c) {
-    const std::size_t r0 = c * chunk, n = std::min(chunk, rows_ - r0);
-    // The chunk's rows of a row-major buffer with `cols` columns.
-    const auto rows_of = [&](T* base, std::size_t cols) {
-      return MatrixView<T>(base + r0 * cols, Eigen::Index(n), Eigen::Index(cols));
-    };
-    const auto const_rows_of = [&](const T* base, std::size_t cols) {
-      return ConstMatrixView<T>(base + r0 * cols, Eigen::Index(n), Eigen::Index(cols));
-    };
-    for (std::size_t l = 0; l <= last; ++l) {
-      const std::size_t in = spec_.layers[l].in, out = spec_.layers[l].out;
-      dense_forward<T>(const_rows_of(l == 0 ? x.data() : acts_[l - 1].data(), in),
-                       layout_.weights(params, l), layout_.bias(params, l),
-                       l == last ? Activation::identity : spec_.layers[l].activation,
-                       rows_of(acts_[l].data(), out), false);
-    }
-    const std::size_t k = spec_.layers[last].out;
-    MatrixView<T> d = rows_of(delta_[0].data(), k);
-    chunk_sums_[c] = output_loss<T>(spec_.loss, rows_of(acts_[last].data(), k),
-                                    const_rows_of(y.data(), k), &d);
+    const auto r0 = Eigen::Index(c * chunk), n = std::min(Eigen::Index(chunk), rows - r0);
+    MatrixView<T> d(delta_[0].data() + r0 * k, n, k);
+    chunk_sums_[c] = output_loss<T>(spec_.loss, MatrixView<T>(acts_[last].data() + r0 * k, n, k),
+                                    ConstMatrixView<T>(y.data() + r0 * k, n, k), &d);
   });
   return chunk_sums_;
 }
@@ -162,17 +155,24 @@ void Mlp<T>::backward_input_chunks(std::span<const T> params, std::size_t layer,
   SP_CHECK(layer > 0 && layer < spec_.layers.size(), "no layer below layer ", layer);
   const std::size_t last = spec_.layers.size() - 1;
   const std::size_t in = spec_.layers[layer].in, out = spec_.layers[layer].out;
-  T* from = delta_[(last - layer) % 2].data();
-  T* to = delta_[(last - layer + 1) % 2].data();
-  for_each_chunk((rows_ + chunk - 1) / chunk, [&](std::size_t c) {
-    const std::size_t r0 = c * chunk;
-    const auto n = Eigen::Index(std::min(chunk, rows_ - r0));
-    dense_backward_input<T>(ConstMatrixView<T>(from + r0 * out, n, Eigen::Index(out)),
-                            layout_.weights(params, layer),
-                            ConstMatrixView<T>(acts_[layer - 1].data() + r0 * in, n, Eigen::Index(in)),
-                            spec_.layers[layer - 1].activation,
-                            MatrixView<T>(to + r0 * in, n, Eigen::Index(in)), false);
-  });
+  const auto rows = Eigen::Index(rows_);
+  reserve_chunk_scratch(chunk);
+  dense_backward_input_chunks<T>(
+      ConstMatrixView<T>(delta_[(last - layer) % 2].data(), rows, Eigen::Index(out)),
+      layout_.weights(params, layer),
+      ConstMatrixView<T>(acts_[layer - 1].data(), rows, Eigen::Index(in)),
+      spec_.layers[layer - 1].activation,
+      MatrixView<T>(delta_[(last - layer + 1) % 2].data(), rows, Eigen::Index(in)), chunk,
+      packed_w_.data(), packed_rows_.data());
+}
+
+template <class T>
+void Mlp<T>::reserve_chunk_scratch(std::size_t chunk) {
+  std::size_t weights = 0;
+  for (const auto& layer : spec_.layers) weights = std::max(weights, layer.in * layer.out);
+  if (packed_w_.size() < weights) packed_w_.resize(weights);
+  const std::size_t rows = chunk_scratch_size(rows_, chunk, max_width_);
+  if (packed_rows_.size() < rows) packed_rows_.resize(rows);
 }
 
 template <class T>

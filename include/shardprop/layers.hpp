@@ -56,13 +56,28 @@ void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
 // Runs body(c) for c in [0, chunks), in parallel, each on one thread.
 void for_each_chunk(std::size_t chunks, LayerDone body);
 
+// The deterministic mode's dense_forward and dense_backward_input: the rows go in chunks of
+// `chunk` (the last may be shorter), each computed by one single-threaded kernel call that
+// depends on the chunk's rows and the shapes alone, whichever thread runs it; the chunks run
+// in parallel. w is packed once into packed_w (w.size() values); packed_rows holds
+// chunk_scratch_size(rows, chunk, widest of in and out) values.
+std::size_t chunk_scratch_size(std::size_t rows, std::size_t chunk, std::size_t width);
+template <class T>
+void dense_forward_chunks(ConstMatrixView<T> x, ConstMatrixView<T> w, ConstRowVectorView<T> b,
+                          Activation act, MatrixView<T> out, std::size_t chunk, T* packed_w,
+                          T* packed_rows);
+template <class T>
+void dense_backward_input_chunks(ConstMatrixView<T> delta, ConstMatrixView<T> w,
+                                 ConstMatrixView<T> a_prev, Activation act_prev, MatrixView<T> dx,
+                                 std::size_t chunk, T* packed_w, T* packed_rows);
+
 // The deterministic mode's parameter gradient: for every chunk of `chunk` consecutive rows
 // (the last may be shorter) computes dW = xᵀ·delta and db = column sums of delta over the
-// chunk in T, and adds round(dW·2^w_exp) to dw and round(db·2^b_exp) to db as integers.
+// chunk in T, and sums round(dW·2^w_exp) into dw and round(db·2^b_exp) into db as integers.
 // Each chunk's products come from calls that depend on the chunk and the shapes alone (fixed
 // blocks, never the thread count), and integer sums are exact, so the result is the same
-// whichever rank or thread holds which chunks. x (rows, in), delta (rows, out); dw (in × out,
-// row-major) and db (out); scratch holds in × out values. The caller chooses the exponents so
+// whichever rank or thread holds which chunks. x (rows ≥ 1, in), delta (rows, out); dw (in × out,
+// row-major) and db (out), whose old values are replaced; scratch holds in × out values. The caller chooses the exponents so
 // that no sum can overflow (see fixed_point_exponent).
 template <class T>
 void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,

@@ -57,6 +57,7 @@ class Mlp {
   MatrixView<T> activation(std::size_t layer, std::size_t rows);
   MatrixView<T> delta(std::size_t which, std::size_t rows, std::size_t cols);
   void forward(std::span<const T> params, ConstMatrixView<T> x);
+  void reserve_chunk_scratch(std::size_t chunk);
 
   ModelSpec spec_;
   Layout layout_;
@@ -66,6 +67,7 @@ class Mlp {
   AlignedVector<T> delta_[2];           // ping-pong δ buffers: (rows, widest layer)
   std::size_t rows_ = 0;                // rows of the last forward_chunks
   std::vector<LossSums> chunk_sums_;
+  AlignedVector<T> packed_w_, packed_rows_;  // the chunked kernels' packed operands
 };
 
 }  // namespace shardprop
