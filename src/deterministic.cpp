@@ -68,11 +68,6 @@ MinibatchStats reduce_minibatch_gradient_deterministic(
   std::vector<std::int64_t>& sums = buffers.sums;
   if (sums.size() != n + kGradStats) sums.assign(n + kGradStats, 0);
   std::fill(sums.begin() + std::ptrdiff_t(n), sums.end(), 0);
-  std::size_t widest = 0;
-  for (std::size_t l = 0; l < layers; ++l) {
-    widest = std::max(widest, layout.block(l).in * layout.block(l).out);
-  }
-  if (buffers.scratch.size() < widest) buffers.scratch.resize(widest);
   const std::size_t terms = (global_rows + chunk - 1) / chunk;
   const bool mine = x.rows() > 0;
 
@@ -114,7 +109,7 @@ MinibatchStats reduce_minibatch_gradient_deterministic(
       if (mine) {
         dense_backward_params_fixed<float>(mlp.input_of(l, x), mlp.delta_of(l), chunk, w_exp[l],
                                            b_exp[l], sums.data() + block.w_offset,
-                                           sums.data() + block.b_offset, buffers.scratch.data());
+                                           sums.data() + block.b_offset, buffers.scratch);
       } else {
         std::fill(sums.begin() + std::ptrdiff_t(begin), sums.begin() + std::ptrdiff_t(end), 0);
       }

@@ -7,6 +7,7 @@
 #include <type_traits>
 #include <Eigen/Core>
 #include <oneapi/tbb/blocked_range.h>
+#include <oneapi/tbb/enumerable_thread_specific.h>
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/parallel_for.h>
 #include <oneapi/tbb/partitioner.h>
@@ -343,18 +344,46 @@ namespace {
 // chunks are added.
 constexpr std::size_t kFixedBlock = 256;
 
-// acc[i] += round(v[i] · scale) for a power of two `scale` (acc[i] = … for the first term):
-// exact in double, then rounded to nearest (ties to even).
-template <class T>
-void add_fixed(const T* v, std::size_t n, double scale, std::int64_t* acc, bool first) {
-  if (first) {
-    for (std::size_t i = 0; i < n; ++i) {
-      acc[i] = static_cast<std::int64_t>(std::nearbyint(double(v[i]) * scale));
-    }
-    return;
-  }
+// Chunks whose products one pass adds: each entry's integer is read and written once per
+// group, not once per chunk.
+constexpr std::size_t kFixedGroup = 4;
+
+// acc[i] (+)= Σ_q round(v[q][i] · scale) for a power of two `scale` (= for the first group):
+// each product is exact in S, then rounded to nearest (ties to even).
+template <std::size_t N, class S, class T>
+void add_fixed(const T* const* v, std::size_t n, S scale, std::int64_t* __restrict acc,
+               bool first) {
   for (std::size_t i = 0; i < n; ++i) {
-    acc[i] += static_cast<std::int64_t>(std::nearbyint(double(v[i]) * scale));
+    std::int64_t sum = first ? 0 : acc[i];
+    for (std::size_t q = 0; q < N; ++q) {
+      sum += static_cast<std::int64_t>(std::nearbyint(S(v[q][i]) * scale));
+    }
+    acc[i] = sum;
+  }
+}
+
+template <class S, class T>
+void add_fixed(const T* const* v, std::size_t count, std::size_t n, S scale, std::int64_t* acc,
+               bool first) {
+  static_assert(kFixedGroup == 4);
+  switch (count) {
+    case 1: return add_fixed<1>(v, n, scale, acc, first);
+    case 2: return add_fixed<2>(v, n, scale, acc, first);
+    case 3: return add_fixed<3>(v, n, scale, acc, first);
+    default: return add_fixed<4>(v, n, scale, acc, first);
+  }
+}
+
+// add_fixed with scale 2^exp. A float product is exact when 2^exp is a normal float: the
+// products stay below 2^62, and one below 2^−126 rounds to 0 either way. So float values take
+// the float path (twice the values per vector instruction) whenever it gives the same bits.
+template <class T>
+void add_fixed_exp(const T* const* v, std::size_t count, std::size_t n, int exp,
+                   std::int64_t* acc, bool first) {
+  if (std::is_same_v<T, float> && exp >= -126 && exp <= 127) {
+    add_fixed(v, count, n, std::ldexp(T(1), exp), acc, first);
+  } else {
+    add_fixed(v, count, n, std::ldexp(1.0, exp), acc, first);
   }
 }
 
@@ -363,38 +392,63 @@ void add_fixed(const T* v, std::size_t n, double scale, std::int64_t* acc, bool 
 template <class T>
 void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
                                  std::size_t chunk, int w_exp, int b_exp, std::int64_t* dw,
-                                 std::int64_t* db, T* scratch) {
+                                 std::int64_t* db, FixedScratch& scratch) {
   const auto rows = static_cast<std::size_t>(x.rows());
   const auto in = static_cast<std::size_t>(x.cols()), out = static_cast<std::size_t>(delta.cols());
   const std::size_t row_blocks = (in + kFixedBlock - 1) / kFixedBlock;
   const std::size_t col_blocks = (out + kFixedBlock - 1) / kFixedBlock;
-  const double w_scale = std::ldexp(1.0, w_exp), b_scale = std::ldexp(1.0, b_exp);
+  const std::size_t chunks = (rows + chunk - 1) / chunk;
   for_each_chunk(row_blocks * col_blocks, [&](std::size_t block) {
     const std::size_t i0 = block / col_blocks * kFixedBlock, j0 = block % col_blocks * kFixedBlock;
     const std::size_t ni = std::min(kFixedBlock, in - i0), nj = std::min(kFixedBlock, out - j0);
-    const Strided<T> product{scratch + i0 * out + j0, Eigen::Index(ni), Eigen::Index(nj),
-                             Eigen::Index(out)};
-    T column_sums[kFixedBlock];
-    for (std::size_t r0 = 0; r0 < rows; r0 += chunk) {
-      const std::size_t n = std::min(chunk, rows - r0);
-      gemm<T>(Op::transpose, Op::none,
-              Strided<const T>{x.data() + r0 * in + i0, Eigen::Index(n), Eigen::Index(ni),
-                               Eigen::Index(in)},
-              Strided<const T>{delta.data() + r0 * out + j0, Eigen::Index(n), Eigen::Index(nj),
-                               Eigen::Index(out)},
-              T(0), product);
+    // This thread's products, compact, so they stay in its cache from block to block.
+    T* mine = scratch.local<T>();
+    T column_sums[kFixedGroup][kFixedBlock];
+    for (std::size_t g0 = 0; g0 < chunks; g0 += kFixedGroup) {
+      const std::size_t count = std::min(kFixedGroup, chunks - g0);
+      const T* products[kFixedGroup];
+      const T* sums[kFixedGroup];
+      for (std::size_t q = 0; q < count; ++q) {
+        const std::size_t r0 = (g0 + q) * chunk, n = std::min(chunk, rows - r0);
+        T* product = mine + q * kFixedBlock * kFixedBlock;
+        gemm<T>(Op::transpose, Op::none,
+                Strided<const T>{x.data() + r0 * in + i0, Eigen::Index(n), Eigen::Index(ni),
+                                 Eigen::Index(in)},
+                Strided<const T>{delta.data() + r0 * out + j0, Eigen::Index(n), Eigen::Index(nj),
+                                 Eigen::Index(out)},
+                T(0), Strided<T>{product, Eigen::Index(ni), Eigen::Index(nj), Eigen::Index(nj)});
+        products[q] = product;
+        // The summed bias rows, row by row (contiguous reads), once per column block.
+        std::fill_n(column_sums[q], nj, T(0));
+        for (std::size_t r = r0; i0 == 0 && r < r0 + n; ++r) {
+          const T* row = delta.data() + r * out + j0;
+          for (std::size_t j = 0; j < nj; ++j) column_sums[q][j] += row[j];
+        }
+        sums[q] = column_sums[q];
+      }
       for (std::size_t i = 0; i < ni; ++i) {
-        add_fixed(product.data + i * out, nj, w_scale, dw + (i0 + i) * out + j0, r0 == 0);
+        const T* row[kFixedGroup];
+        for (std::size_t q = 0; q < count; ++q) row[q] = products[q] + i * nj;
+        add_fixed_exp(row, count, nj, w_exp, dw + (i0 + i) * out + j0, g0 == 0);
       }
-      if (i0 != 0) continue;  // the bias once per column block
-      std::fill_n(column_sums, nj, T(0));
-      for (std::size_t r = r0; r < r0 + n; ++r) {
-        const T* row = delta.data() + r * out + j0;
-        for (std::size_t j = 0; j < nj; ++j) column_sums[j] += row[j];
-      }
-      add_fixed(column_sums, nj, b_scale, db + j0, r0 == 0);
+      if (i0 == 0) add_fixed_exp(sums, count, nj, b_exp, db + j0, g0 == 0);
     }
   });
+}
+
+struct FixedScratch::Impl {
+  oneapi::tbb::enumerable_thread_specific<AlignedVector<double>> buffers;
+};
+
+FixedScratch::FixedScratch() : impl_(std::make_unique<Impl>()) {}
+FixedScratch::~FixedScratch() = default;
+
+template <class T>
+T* FixedScratch::local() {
+  AlignedVector<double>& buffer = impl_->buffers.local();  // created by a thread's first call
+  const std::size_t doubles = (kFixedGroup * kFixedBlock * kFixedBlock * sizeof(T) + 7) / 8;
+  if (buffer.size() < doubles) buffer.resize(doubles);
+  return reinterpret_cast<T*>(buffer.data());
 }
 
 template <class T>
@@ -429,7 +483,8 @@ GradientBound chunk_gradient_bound(ConstMatrixView<T> x, ConstMatrixView<T> delt
                                         ConstMatrixView<T>, Activation, MatrixView<T>, bool);  \
   template void dense_backward_params_fixed<T>(ConstMatrixView<T>, ConstMatrixView<T>,        \
                                                std::size_t, int, int, std::int64_t*,          \
-                                               std::int64_t*, T*);                            \
+                                               std::int64_t*, FixedScratch&);                 \
+  template T* FixedScratch::local<T>();                                                       \
   template GradientBound chunk_gradient_bound<T>(ConstMatrixView<T>, ConstMatrixView<T>,      \
                                                  std::size_t);                                \
   template void dense_forward_chunks<T>(ConstMatrixView<T>, ConstMatrixView<T>,               \

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 
 #include "shardprop/params.hpp"
 #include "shardprop/spec.hpp"
@@ -77,12 +78,28 @@ void dense_backward_input_chunks(ConstMatrixView<T> delta, ConstMatrixView<T> w,
 // Each chunk's products come from calls that depend on the chunk and the shapes alone (fixed
 // blocks, never the thread count), and integer sums are exact, so the result is the same
 // whichever rank or thread holds which chunks. x (rows ≥ 1, in), delta (rows, out); dw (in × out,
-// row-major) and db (out), whose old values are replaced; scratch holds in × out values. The caller chooses the exponents so
+// row-major) and db (out), whose old values are replaced. The caller chooses the exponents so
 // that no sum can overflow (see fixed_point_exponent).
+// Workspace of dense_backward_params_fixed: a few blocks of products for each thread that
+// computes, made by the thread's first use.
+class FixedScratch {
+ public:
+  FixedScratch();
+  ~FixedScratch();
+  FixedScratch(const FixedScratch&) = delete;
+  FixedScratch& operator=(const FixedScratch&) = delete;
+  template <class T>
+  T* local();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
 template <class T>
 void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
                                  std::size_t chunk, int w_exp, int b_exp, std::int64_t* dw,
-                                 std::int64_t* db, T* scratch);
+                                 std::int64_t* db, FixedScratch& scratch);
 
 // The largest |value| that the chunk gradients of dense_backward_params_fixed can reach,
 // over the chunks of x and delta: for W, max|x| · Σ_rows max_j |delta_rj| of a chunk, and for

@@ -70,7 +70,7 @@ Range chunked_shard(std::size_t rows, std::size_t chunk, int rank, int size);
 // Workspace of reduce_minibatch_gradient_deterministic; sized on first use.
 struct DeterministicBuffers {
   std::vector<std::int64_t> sums;  // fixed-point gradient and statistics
-  AlignedVector<float> scratch;    // one layer's chunk products
+  FixedScratch scratch;            // each thread's chunk products
   std::vector<int> exponents;      // each layer's W and b exponents
 };
 
