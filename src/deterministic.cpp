@@ -70,6 +70,9 @@ MinibatchStats reduce_minibatch_gradient_deterministic(
   std::fill(sums.begin() + std::ptrdiff_t(n), sums.end(), 0);
   const std::size_t terms = (global_rows + chunk - 1) / chunk;
   const bool mine = x.rows() > 0;
+  // Lets the reductions already started advance between parts of a layer's products.
+  const auto advance = [&](std::size_t) { comm.progress(); };
+  const LayerDone progress = comm.size() > 1 ? LayerDone(advance) : LayerDone();
 
   double loss_bound = 0;
   std::span<const LossSums> chunk_sums;
@@ -109,7 +112,8 @@ MinibatchStats reduce_minibatch_gradient_deterministic(
       if (mine) {
         dense_backward_params_fixed<float>(mlp.input_of(l, x), mlp.delta_of(l), chunk, w_exp[l],
                                            b_exp[l], sums.data() + block.w_offset,
-                                           sums.data() + block.b_offset, buffers.scratch);
+                                           sums.data() + block.b_offset, buffers.scratch,
+                                           progress);
       } else {
         std::fill(sums.begin() + std::ptrdiff_t(begin), sums.begin() + std::ptrdiff_t(end), 0);
       }

@@ -392,13 +392,13 @@ void add_fixed_exp(const T* const* v, std::size_t count, std::size_t n, int exp,
 template <class T>
 void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
                                  std::size_t chunk, int w_exp, int b_exp, std::int64_t* dw,
-                                 std::int64_t* db, FixedScratch& scratch) {
+                                 std::int64_t* db, FixedScratch& scratch, LayerDone progress) {
   const auto rows = static_cast<std::size_t>(x.rows());
   const auto in = static_cast<std::size_t>(x.cols()), out = static_cast<std::size_t>(delta.cols());
   const std::size_t row_blocks = (in + kFixedBlock - 1) / kFixedBlock;
   const std::size_t col_blocks = (out + kFixedBlock - 1) / kFixedBlock;
   const std::size_t chunks = (rows + chunk - 1) / chunk;
-  for_each_chunk(row_blocks * col_blocks, [&](std::size_t block) {
+  const auto compute = [&](std::size_t block) {
     const std::size_t i0 = block / col_blocks * kFixedBlock, j0 = block % col_blocks * kFixedBlock;
     const std::size_t ni = std::min(kFixedBlock, in - i0), nj = std::min(kFixedBlock, out - j0);
     // This thread's products, compact, so they stay in its cache from block to block.
@@ -433,7 +433,15 @@ void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
       }
       if (i0 == 0) add_fixed_exp(sums, count, nj, b_exp, db + j0, g0 == 0);
     }
-  });
+  };
+  if (!progress) {
+    for_each_chunk(row_blocks * col_blocks, compute);
+    return;
+  }
+  for (std::size_t ib = 0; ib < row_blocks; ++ib) {  // a row of blocks at a time
+    for_each_chunk(col_blocks, [&](std::size_t jb) { compute(ib * col_blocks + jb); });
+    progress(0);
+  }
 }
 
 struct FixedScratch::Impl {
@@ -483,7 +491,7 @@ GradientBound chunk_gradient_bound(ConstMatrixView<T> x, ConstMatrixView<T> delt
                                         ConstMatrixView<T>, Activation, MatrixView<T>, bool);  \
   template void dense_backward_params_fixed<T>(ConstMatrixView<T>, ConstMatrixView<T>,        \
                                                std::size_t, int, int, std::int64_t*,          \
-                                               std::int64_t*, FixedScratch&);                 \
+                                               std::int64_t*, FixedScratch&, LayerDone);      \
   template T* FixedScratch::local<T>();                                                       \
   template GradientBound chunk_gradient_bound<T>(ConstMatrixView<T>, ConstMatrixView<T>,      \
                                                  std::size_t);                                \
