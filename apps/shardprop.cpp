@@ -36,7 +36,7 @@ struct TrainArgs {
   std::string optimizer = "sgd", lr_schedule = "constant", metrics_path, progress = "auto";
   std::string overlap = "on";
   std::string save_path, checkpoint_dir, resume;
-  std::size_t batch = 256, epochs = 10, eval_batch = 1024, chunk = 32;
+  std::size_t batch = 256, epochs = 10, eval_batch = 1024, chunk = 64;
   bool deterministic = false;
   std::size_t checkpoint_every_steps = 0, checkpoint_every_epochs = 0, keep_checkpoints = 3;
   double lr = 0.05, momentum = 0.9, weight_decay = 0.0;
@@ -724,7 +724,7 @@ int main(int argc, char** argv) {
   bench->add_option("--warmup", bn.warmup, "Untimed steps before timing")
       ->check(number_above(0, true))->capture_default_str();
   bool bench_deterministic = false;
-  std::size_t bench_chunk = 32;
+  std::size_t bench_chunk = 64;
   bench->add_flag("--deterministic", bench_deterministic,
                   "Also time every case in the deterministic mode, alternating with the default");
   bench->add_option("--chunk", bench_chunk, "Rows per chunk of the deterministic mode")
