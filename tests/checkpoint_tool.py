@@ -5,7 +5,10 @@
   checkpoint_tool.py same A B               parameters and optimizer state bit for bit equal
   checkpoint_tool.py close A B TOLERANCE    parameters within TOLERANCE of each tensor's max
   checkpoint_tool.py finite FILE            every parameter and optimizer value is finite
+  checkpoint_tool.py sha256 FILE            SHA-256 of the parameters (float32, little-endian,
+                                            W then b of each layer)
 """
+import hashlib
 import sys
 import zlib
 
@@ -65,6 +68,16 @@ def close(a, b, tolerance):
     print(f"{a} and {b}: parameters differ by {worst:.3g} of each tensor's largest entry")
 
 
+def sha256(path):
+    digest = hashlib.sha256()
+    with h5py.File(path, "r") as f:
+        for l in layers(f):
+            for p in ("W", "b"):
+                digest.update(np.ascontiguousarray(f[f"params/{l}/{p}"][()], dtype="<f4").tobytes())
+    print(f"{digest.hexdigest()}  {path}")
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
-    {"verify": verify, "finite": finite, "same": same, "close": lambda a, b, t: close(a, b, float(t))}[command](*args)
+    {"verify": verify, "finite": finite, "same": same, "sha256": sha256,
+     "close": lambda a, b, t: close(a, b, float(t))}[command](*args)
