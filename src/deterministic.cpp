@@ -17,7 +17,8 @@ int fixed_point_exponent(double bound, std::size_t terms) {
   int t = 0;
   while (t < 62 && (std::size_t(1) << t) < terms) ++t;  // terms ≤ 2^t
   // Each rounded value is below 2^(61 − t) + 1 ≤ 2^(62 − t), so 2^t of them stay below 2^62.
-  return 61 - e - t;
+  // Bounds under 2^−900 (never met in practice) lose precision instead of making 2^s overflow.
+  return std::min(61 - e - t, 960);
 }
 
 Range chunked_shard(std::size_t rows, std::size_t chunk, int rank, int size) {

@@ -38,6 +38,7 @@ TEST(FixedPointExponent, NoOverflowAndNoBitsWasted) {
     }
   }
   EXPECT_EQ(fixed_point_exponent(0.0, 5), 0);
+  EXPECT_EQ(fixed_point_exponent(1e-300, 5), 960);  // 2^960 and 2^−960 are finite doubles
 }
 
 TEST(ChunkedShard, ShardsTileTheRowsAndEndOnChunkEdges) {

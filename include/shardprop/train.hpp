@@ -56,7 +56,7 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
 
 // The exponent s such that `terms` values of magnitude at most `bound` (give or take float
 // rounding), each added as round(v·2^s), cannot overflow an int64 in any order:
-// bound·2^s < 2^(61 − ⌈log2 terms⌉). 0 when bound is 0.
+// bound·2^s < 2^(61 − ⌈log2 terms⌉). 0 when bound is 0; at most 960, so 2^±s stays finite.
 int fixed_point_exponent(double bound, std::size_t terms);
 
 // The sum over all ranks of `values`, this rank's share of `terms` values in all, added in
