@@ -470,7 +470,9 @@ int run_eval(const EvalArgs& args, sp::MpiComm& comm) {
     sp::check_fits(data, model.spec, args.data_path);
   });
   sp::Mlp<float> mlp(model.spec);
-  const sp::EvalStats e = sp::evaluate_dataset(mlp, comm, model.params, data, args.eval_batch);
+  // A model trained with --deterministic is evaluated in chunks too: the same bits on any ranks.
+  const sp::EvalStats e = sp::evaluate_dataset(mlp, comm, model.params, data, args.eval_batch,
+                                               model.config.deterministic_chunk);
   if (comm.rank() == 0) {
     std::printf("{\"loss\":%.9g,\"accuracy\":%.9g,\"samples\":%zu}\n", e.loss, e.accuracy,
                 e.samples);

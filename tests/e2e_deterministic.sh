@@ -44,6 +44,13 @@ for algorithms in "4 1" "3 4" "6 3" "1 2"; do
   "$python" "$tool" same "$work/ref.h5" "$work/alg$tuned$nbc.h5"
 done
 
+# eval of a deterministic model: the same numbers on 1 and 3 ranks, and those of training's
+# last test evaluation.
+"${mpirun[@]}" -np 1 "$shardprop" eval --checkpoint "$work/ref.h5" --data "$work/test.h5" > "$work/eval1.json"
+"${mpirun[@]}" -np 3 "$shardprop" eval --checkpoint "$work/ref.h5" --data "$work/test.h5" > "$work/eval3.json"
+diff "$work/eval1.json" "$work/eval3.json"
+grep -q "\"test_loss\":$(sed -E 's/.*"loss":([^,]*),.*/\1/' "$work/eval1.json")," "$work/ref.jsonl"
+
 # A checkpoint from 3 ranks, resumed on 2 and on 4 (and with 2 threads), mid-epoch.
 train 3 "${common[@]}" --checkpoint-dir "$work/ck" --stop-at-step 59 > /dev/null
 for np in 2 4; do
