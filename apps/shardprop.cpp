@@ -501,15 +501,20 @@ int run_predict(const EvalArgs& args, sp::MpiComm& comm) {
     sp::check_fits(data, model.spec, args.data_path);
     const std::size_t k = model.spec.output_width();
     sp::Mlp<float> mlp(model.spec);
-    const std::size_t chunk = std::min(args.eval_batch, data.rows);
-    mlp.reserve(chunk);
+    // A model trained with --deterministic predicts in its chunks: the same bits on any
+    // number of threads. Passes then hold whole chunks.
+    const std::size_t chunk = model.config.deterministic_chunk;
+    std::size_t pass = std::min(args.eval_batch, data.rows);
+    if (chunk > 0) pass = std::max(chunk, pass / chunk * chunk);
+    mlp.reserve(pass);
     std::vector<std::int32_t> predictions(data.rows);
     sp::AlignedVector<float> outputs(data.rows * k);
-    for (std::size_t begin = 0; begin < data.rows; begin += chunk) {
-      const auto rows = Eigen::Index(std::min(chunk, data.rows - begin));
-      const auto y = mlp.predict(model.params, sp::ConstMatrixView<float>(
-                                                   data.features.data() + begin * data.cols,
-                                                   rows, Eigen::Index(data.cols)));
+    for (std::size_t begin = 0; begin < data.rows; begin += pass) {
+      const auto rows = Eigen::Index(std::min(pass, data.rows - begin));
+      const auto y = mlp.predict(model.params,
+                                 sp::ConstMatrixView<float>(data.features.data() + begin * data.cols,
+                                                            rows, Eigen::Index(data.cols)),
+                                 chunk);
       for (Eigen::Index r = 0; r < rows; ++r) {
         const std::size_t i = begin + std::size_t(r);
         Eigen::Index best = 0;

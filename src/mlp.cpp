@@ -34,29 +34,35 @@ MatrixView<T> Mlp<T>::delta(std::size_t which, std::size_t rows, std::size_t col
 }
 
 template <class T>
-void Mlp<T>::forward(std::span<const T> params, ConstMatrixView<T> x) {
+void Mlp<T>::forward(std::span<const T> params, ConstMatrixView<T> x, std::size_t chunk) {
   SP_CHECK(params.size() == layout_.size(), "parameter buffer has ", params.size(),
            " elements, the model needs ", layout_.size());
   SP_CHECK(std::size_t(x.cols()) == spec_.input_width(), "input has ", x.cols(),
            " features, the model expects ", spec_.input_width());
   const auto rows = static_cast<std::size_t>(x.rows());
   reserve(rows);
+  rows_ = rows;
+  if (chunk > 0) reserve_chunk_scratch(chunk);
   for (std::size_t l = 0; l < spec_.layers.size(); ++l) {
-    ConstMatrixView<T> in = l == 0 ? x : ConstMatrixView<T>(activation(l - 1, rows).data(),
-                                                            Eigen::Index(rows),
-                                                            Eigen::Index(spec_.layers[l].in));
     // The output activation (softmax, sigmoid or identity) is fused with the loss, so the
     // last layer leaves Z untouched here.
     const bool output = l + 1 == spec_.layers.size();
-    dense_forward<T>(in, layout_.weights(params, l), layout_.bias(params, l),
-                     output ? Activation::identity : spec_.layers[l].activation,
-                     activation(l, rows));
+    const Activation act = output ? Activation::identity : spec_.layers[l].activation;
+    if (chunk > 0) {
+      dense_forward_chunks<T>(input_of(l, x), layout_.weights(params, l), layout_.bias(params, l),
+                              act, activation(l, rows), chunk, packed_w_.data(),
+                              packed_rows_.data());
+    } else {
+      dense_forward<T>(input_of(l, x), layout_.weights(params, l), layout_.bias(params, l), act,
+                       activation(l, rows));
+    }
   }
 }
 
 template <class T>
-ConstMatrixView<T> Mlp<T>::predict(std::span<const T> params, ConstMatrixView<T> x) {
-  forward(params, x);
+ConstMatrixView<T> Mlp<T>::predict(std::span<const T> params, ConstMatrixView<T> x,
+                                   std::size_t chunk) {
+  forward(params, x, chunk);
   const std::size_t last = spec_.layers.size() - 1;
   auto out = activation(last, std::size_t(x.rows()));
   if (spec_.loss == Loss::xent) {
@@ -119,26 +125,15 @@ LossSums Mlp<T>::forward_backward(std::span<const T> params, ConstMatrixView<T> 
 template <class T>
 std::span<const LossSums> Mlp<T>::forward_chunks(std::span<const T> params, ConstMatrixView<T> x,
                                                  ConstMatrixView<T> y, std::size_t chunk) {
-  SP_CHECK(params.size() == layout_.size(), "parameter buffer has ", params.size(),
-           " elements, the model needs ", layout_.size());
-  SP_CHECK(std::size_t(x.cols()) == spec_.input_width(), "input has ", x.cols(),
-           " features, the model expects ", spec_.input_width());
   SP_CHECK(chunk > 0, "chunk size must be positive");
-  rows_ = static_cast<std::size_t>(x.rows());
-  SP_CHECK(std::size_t(y.rows()) == rows_ && std::size_t(y.cols()) == spec_.output_width(),
-           "targets are ", y.rows(), "x", y.cols(), ", expected ", rows_, "x",
+  SP_CHECK(y.rows() == x.rows() && std::size_t(y.cols()) == spec_.output_width(),
+           "targets are ", y.rows(), "x", y.cols(), ", expected ", x.rows(), "x",
            spec_.output_width());
-  reserve(rows_);
-  reserve_chunk_scratch(chunk);
+  forward(params, x, chunk);
   const std::size_t chunks = (rows_ + chunk - 1) / chunk;
   chunk_sums_.resize(chunks);  // allocates only when a batch holds more chunks than before
   const std::size_t last = spec_.layers.size() - 1;
   const auto rows = Eigen::Index(rows_);
-  for (std::size_t l = 0; l <= last; ++l) {
-    dense_forward_chunks<T>(input_of(l, x), layout_.weights(params, l), layout_.bias(params, l),
-                            l == last ? Activation::identity : spec_.layers[l].activation,
-                            activation(l, rows_), chunk, packed_w_.data(), packed_rows_.data());
-  }
   const auto k = Eigen::Index(spec_.layers[last].out);
   for_each_chunk(chunks, [&](std::size_t c) {
     const auto r0 = Eigen::Index(c * chunk), n = std::min(Eigen::Index(chunk), rows - r0);

@@ -50,6 +50,11 @@ done
 "${mpirun[@]}" -np 3 "$shardprop" eval --checkpoint "$work/ref.h5" --data "$work/test.h5" > "$work/eval3.json"
 diff "$work/eval1.json" "$work/eval3.json"
 grep -q "\"test_loss\":$(sed -E 's/.*"loss":([^,]*),.*/\1/' "$work/eval1.json")," "$work/ref.jsonl"
+# predict: the same probabilities on one core (one oneTBB thread) and on all of them.
+"$shardprop" predict --checkpoint "$work/ref.h5" --data "$work/test.h5" --out "$work/all.csv" > /dev/null
+taskset -c 0 "$shardprop" predict --checkpoint "$work/ref.h5" --data "$work/test.h5" \
+  --out "$work/one.csv" > /dev/null
+cmp "$work/all.csv" "$work/one.csv"
 
 # A checkpoint from 3 ranks, resumed on 2 and on 4 (and with 2 threads), mid-epoch.
 train 3 "${common[@]}" --checkpoint-dir "$work/ck" --stop-at-step 59 > /dev/null

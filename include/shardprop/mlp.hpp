@@ -24,8 +24,10 @@ class Mlp {
   // many rows allocate nothing.
   void reserve(std::size_t rows);
 
-  // Forward pass. x (rows, in). Returns the predictions ŷ (rows, out), valid until the next call.
-  ConstMatrixView<T> predict(std::span<const T> params, ConstMatrixView<T> x);
+  // Forward pass. x (rows, in). Returns the predictions ŷ (rows, out), valid until the next
+  // call. With chunk > 0, computed in chunks as forward_chunks does.
+  ConstMatrixView<T> predict(std::span<const T> params, ConstMatrixView<T> x,
+                             std::size_t chunk = 0);
 
   // Forward pass and loss against targets y (rows, out), without gradients.
   LossSums evaluate(std::span<const T> params, ConstMatrixView<T> x, ConstMatrixView<T> y);
@@ -56,7 +58,7 @@ class Mlp {
  private:
   MatrixView<T> activation(std::size_t layer, std::size_t rows);
   MatrixView<T> delta(std::size_t which, std::size_t rows, std::size_t cols);
-  void forward(std::span<const T> params, ConstMatrixView<T> x);
+  void forward(std::span<const T> params, ConstMatrixView<T> x, std::size_t chunk = 0);
   void reserve_chunk_scratch(std::size_t chunk);
 
   ModelSpec spec_;
