@@ -7,11 +7,12 @@
 #include <type_traits>
 #include <Eigen/Core>
 #include <oneapi/tbb/blocked_range.h>
-#include <oneapi/tbb/enumerable_thread_specific.h>
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/parallel_for.h>
 #include <oneapi/tbb/partitioner.h>
 #include <oneapi/tbb/task_arena.h>
+
+#include "shardprop/error.hpp"
 
 #ifdef SHARDPROP_USE_OPENBLAS
 // The Fortran BLAS interface of Debian's serial OpenBLAS (column-major).
@@ -434,29 +435,43 @@ void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
       if (i0 == 0) add_fixed_exp(sums, count, nj, b_exp, db + j0, g0 == 0);
     }
   };
-  if (!progress) {
-    for_each_chunk(row_blocks * col_blocks, compute);
-    return;
-  }
-  for (std::size_t ib = 0; ib < row_blocks; ++ib) {  // a row of blocks at a time
-    for_each_chunk(col_blocks, [&](std::size_t jb) { compute(ib * col_blocks + jb); });
-    progress(0);
-  }
+  scratch.execute([&](std::size_t) {
+    if (!progress) {
+      for_each_chunk(row_blocks * col_blocks, compute);
+      return;
+    }
+    for (std::size_t ib = 0; ib < row_blocks; ++ib) {  // a row of blocks at a time
+      for_each_chunk(col_blocks, [&](std::size_t jb) { compute(ib * col_blocks + jb); });
+      progress(0);
+    }
+  });
 }
 
+// The blocks run in an arena of their own, so each thread has a slot number there, unique
+// among the threads in it, and the buffer of that slot; all are made on first use.
 struct FixedScratch::Impl {
-  oneapi::tbb::enumerable_thread_specific<AlignedVector<double>> buffers;
+  oneapi::tbb::task_arena arena;
+  std::vector<AlignedVector<double>> slots;
 };
 
 FixedScratch::FixedScratch() : impl_(std::make_unique<Impl>()) {}
 FixedScratch::~FixedScratch() = default;
 
+void FixedScratch::execute(LayerDone body) {
+  if (impl_->slots.empty()) {
+    impl_->arena.initialize();
+    const std::size_t doubles = kFixedGroup * kFixedBlock * kFixedBlock;  // fits T = double
+    impl_->slots.assign(std::size_t(impl_->arena.max_concurrency()), AlignedVector<double>(doubles));
+  }
+  impl_->arena.execute([&] { body(0); });
+}
+
 template <class T>
 T* FixedScratch::local() {
-  AlignedVector<double>& buffer = impl_->buffers.local();  // created by a thread's first call
-  const std::size_t doubles = (kFixedGroup * kFixedBlock * kFixedBlock * sizeof(T) + 7) / 8;
-  if (buffer.size() < doubles) buffer.resize(doubles);
-  return reinterpret_cast<T*>(buffer.data());
+  const int slot = oneapi::tbb::this_task_arena::current_thread_index();
+  SP_CHECK(slot >= 0 && std::size_t(slot) < impl_->slots.size(),
+           "FixedScratch::local outside FixedScratch::execute");
+  return reinterpret_cast<T*>(impl_->slots[std::size_t(slot)].data());
 }
 
 template <class T>

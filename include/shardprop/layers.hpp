@@ -79,16 +79,20 @@ void dense_backward_input_chunks(ConstMatrixView<T> delta, ConstMatrixView<T> w,
 // blocks, never the thread count), and integer sums are exact, so the result is the same
 // whichever rank or thread holds which chunks. x (rows ≥ 1, in), delta (rows, out); dw (in × out,
 // row-major) and db (out), whose old values are replaced. With `progress`, the blocks go a
-// row of blocks at a time and progress(0) runs on the calling thread after each. The caller chooses the exponents so
-// that no sum can overflow (see fixed_point_exponent).
+// row of blocks at a time and progress(0) runs on the calling thread after each. The caller
+// chooses the exponents so that no sum can overflow (see fixed_point_exponent).
+
 // Workspace of dense_backward_params_fixed: a few blocks of products for each thread that
-// computes, made by the thread's first use.
+// computes, all made on first use (so later steps allocate nothing, whichever threads run).
 class FixedScratch {
  public:
   FixedScratch();
   ~FixedScratch();
   FixedScratch(const FixedScratch&) = delete;
   FixedScratch& operator=(const FixedScratch&) = delete;
+  // Runs body(0) on the calling thread, inside a oneTBB arena of its own.
+  void execute(LayerDone body);
+  // The calling thread's blocks, within execute().
   template <class T>
   T* local();
 
