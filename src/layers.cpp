@@ -184,9 +184,9 @@ void activate(Activation act, Eigen::Ref<RowMatrix<T>> z) {
 
 template <class T>
 void dense_forward(ConstMatrixView<T> x, ConstMatrixView<T> w, ConstRowVectorView<T> b,
-                   Activation act, MatrixView<T> out, bool split) {
+                   Activation act, MatrixView<T> out) {
   const auto rows = static_cast<std::size_t>(x.rows());
-  for_blocks(rows, split ? block_size(rows, kMinRows, 1) : rows, [&](std::size_t r0, std::size_t r1) {
+  for_blocks(rows, block_size(rows, kMinRows, 1), [&](std::size_t r0, std::size_t r1) {
     const auto n = Eigen::Index(r1 - r0);
     gemm<T>(Op::none, Op::none, rows_of(x, r0, r1 - r0), whole(w), T(0), rows_of(out, r0, r1 - r0));
     auto z = out.middleRows(Eigen::Index(r0), n);
@@ -228,10 +228,9 @@ void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, Matri
 
 template <class T>
 void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
-                          ConstMatrixView<T> a_prev, Activation act_prev, MatrixView<T> dx,
-                          bool split) {
+                          ConstMatrixView<T> a_prev, Activation act_prev, MatrixView<T> dx) {
   const auto rows = static_cast<std::size_t>(delta.rows());
-  for_blocks(rows, split ? block_size(rows, kMinRows, 1) : rows, [&](std::size_t r0, std::size_t r1) {
+  for_blocks(rows, block_size(rows, kMinRows, 1), [&](std::size_t r0, std::size_t r1) {
     const auto n = Eigen::Index(r1 - r0);
     gemm<T>(Op::none, Op::transpose, rows_of(delta, r0, r1 - r0), whole(w), T(0),
             rows_of(dx, r0, r1 - r0));
@@ -499,11 +498,11 @@ GradientBound chunk_gradient_bound(ConstMatrixView<T> x, ConstMatrixView<T> delt
 #define SP_INSTANTIATE(T)                                                                     \
   template void activate<T>(Activation, Eigen::Ref<RowMatrix<T>>);                            \
   template void dense_forward<T>(ConstMatrixView<T>, ConstMatrixView<T>, ConstRowVectorView<T>, \
-                                 Activation, MatrixView<T>, bool);                            \
+                                 Activation, MatrixView<T>);                                  \
   template void dense_backward_params<T>(ConstMatrixView<T>, ConstMatrixView<T>, MatrixView<T>, \
                                          RowVectorView<T>, LayerDone);                        \
   template void dense_backward_input<T>(ConstMatrixView<T>, ConstMatrixView<T>,               \
-                                        ConstMatrixView<T>, Activation, MatrixView<T>, bool);  \
+                                        ConstMatrixView<T>, Activation, MatrixView<T>);        \
   template void dense_backward_params_fixed<T>(ConstMatrixView<T>, ConstMatrixView<T>,        \
                                                std::size_t, int, int, std::int64_t*,          \
                                                std::int64_t*, FixedScratch&, LayerDone);      \

@@ -31,11 +31,11 @@ class LayerDone {
 
 
 // out = act(x·w + b). x (rows, in), w (in, out), b (out), out (rows, out).
-// Split over row blocks, or with split false computed by one call on the calling thread.
-// The model passes identity for its output layer, whose activation is fused with the loss.
+// Split over row blocks. The model passes identity for its output layer, whose activation
+// is fused with the loss.
 template <class T>
 void dense_forward(ConstMatrixView<T> x, ConstMatrixView<T> w, ConstRowVectorView<T> b,
-                   Activation act, MatrixView<T> out, bool split = true);
+                   Activation act, MatrixView<T> out);
 
 // dw += xᵀ·delta and db += column sums of delta (the summed bias rows).
 // x (rows, in), delta (rows, out), dw (in, out), db (out). Split over output columns, so
@@ -47,12 +47,10 @@ void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, Matri
                            RowVectorView<T> db, LayerDone progress = {});
 
 // dx = (delta·wᵀ) ⊙ act'(a_prev), the δ of the previous layer, whose activation `act_prev`
-// produced a_prev. delta (rows, out), w (in, out), a_prev and dx (rows, in). Split over row
-// blocks, or with split false computed by one call on the calling thread.
+// produced a_prev. delta (rows, out), w (in, out), a_prev and dx (rows, in). Split over row blocks.
 template <class T>
 void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
-                          ConstMatrixView<T> a_prev, Activation act_prev, MatrixView<T> dx,
-                          bool split = true);
+                          ConstMatrixView<T> a_prev, Activation act_prev, MatrixView<T> dx);
 
 // Runs body(c) for c in [0, chunks), in parallel, each on one thread.
 void for_each_chunk(std::size_t chunks, LayerDone body);
@@ -71,16 +69,6 @@ template <class T>
 void dense_backward_input_chunks(ConstMatrixView<T> delta, ConstMatrixView<T> w,
                                  ConstMatrixView<T> a_prev, Activation act_prev, MatrixView<T> dx,
                                  std::size_t chunk, T* packed_w, T* packed_rows);
-
-// The deterministic mode's parameter gradient: for every chunk of `chunk` consecutive rows
-// (the last may be shorter) computes dW = xᵀ·delta and db = column sums of delta over the
-// chunk in T, and sums round(dW·2^w_exp) into dw and round(db·2^b_exp) into db as integers.
-// Each chunk's products come from calls that depend on the chunk and the shapes alone (fixed
-// blocks, never the thread count), and integer sums are exact, so the result is the same
-// whichever rank or thread holds which chunks. x (rows ≥ 1, in), delta (rows, out); dw (in × out,
-// row-major) and db (out), whose old values are replaced. With `progress`, the blocks go a
-// row of blocks at a time and progress(0) runs on the calling thread after each. The caller
-// chooses the exponents so that no sum can overflow (see fixed_point_exponent).
 
 // Workspace of dense_backward_params_fixed: a few blocks of products for each thread that
 // computes, all made on first use (so later steps allocate nothing, whichever threads run).
@@ -101,6 +89,15 @@ class FixedScratch {
   std::unique_ptr<Impl> impl_;
 };
 
+// The deterministic mode's parameter gradient: for every chunk of `chunk` consecutive rows
+// (the last may be shorter) computes dW = xᵀ·delta and db = column sums of delta over the
+// chunk in T, and sums round(dW·2^w_exp) into dw and round(db·2^b_exp) into db as integers.
+// Each chunk's products come from calls that depend on the chunk and the shapes alone (fixed
+// blocks, never the thread count), and integer sums are exact, so the result is the same
+// whichever rank or thread holds which chunks. x (rows ≥ 1, in), delta (rows, out); dw (in × out,
+// row-major) and db (out), whose old values are replaced. With `progress`, the blocks go a
+// row of blocks at a time and progress(0) runs on the calling thread after each. The caller
+// chooses the exponents so that no sum can overflow (see fixed_point_exponent).
 template <class T>
 void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
                                  std::size_t chunk, int w_exp, int b_exp, std::int64_t* dw,

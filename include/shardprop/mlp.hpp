@@ -67,7 +67,7 @@ class Mlp {
   std::size_t max_width_ = 0;
   std::vector<AlignedVector<T>> acts_;  // per layer: (rows, out) activations
   AlignedVector<T> delta_[2];           // ping-pong δ buffers: (rows, widest layer)
-  std::size_t rows_ = 0;                // rows of the last forward_chunks
+  std::size_t rows_ = 0;                // rows of the last forward pass
   std::vector<LossSums> chunk_sums_;
   AlignedVector<T> packed_w_, packed_rows_;  // the chunked kernels' packed operands
 };
