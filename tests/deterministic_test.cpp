@@ -58,32 +58,53 @@ TEST(ChunkedShard, ShardsTileTheRowsAndEndOnChunkEdges) {
   }
 }
 
+// A model, its initial parameters and a batch of inputs and targets suited to its loss.
+struct Problem {
+  ModelSpec spec;
+  AlignedVector<float> params;
+  RowMatrix<float> x, y;
+};
+
+Problem make_problem(const std::string& layers, const std::string& loss, std::size_t rows,
+                     std::uint64_t params_seed, std::uint64_t data_seed) {
+  Problem p{parse_model(layers, loss), {}, {}, {}};
+  const Layout layout(p.spec);
+  p.params.resize(layout.size());
+  init_params<float>(p.spec, layout, params_seed, std::span<float>(p.params));
+  p.x = testing::random_matrix<float>(rows, p.spec.input_width(), data_seed);
+  p.y = testing::random_targets<float>(p.spec.loss, rows, p.spec.output_width(), data_seed + 1);
+  return p;
+}
+
 struct Outcome {
   AlignedVector<float> grad;
   MinibatchStats stats;
 };
 
-// The deterministic reduction over p in-process ranks, with `threads` oneTBB threads.
-std::vector<Outcome> reduce(const ModelSpec& spec, std::span<const float> params,
-                            const RowMatrix<float>& x, const RowMatrix<float>& y,
-                            std::size_t chunk, int p, int threads) {
+// The problem's batch reduced over p in-process ranks with `threads` oneTBB threads: in the
+// deterministic mode with chunks of `chunk` rows, or with chunk 0 in the default mode.
+std::vector<Outcome> reduce(const Problem& problem, std::size_t chunk, int p, int threads) {
   const oneapi::tbb::global_control limit(oneapi::tbb::global_control::max_allowed_parallelism,
                                           std::size_t(threads));
-  const std::size_t batch = std::size_t(x.rows());
+  const std::size_t batch = std::size_t(problem.x.rows());
   LocalGroup group(p);
   std::vector<Outcome> out(static_cast<std::size_t>(p));
   std::vector<std::thread> ranks;
   for (int r = 0; r < p; ++r) {
     ranks.emplace_back([&, r] {
-      Mlp<float> mlp(spec);
+      Mlp<float> mlp(problem.spec);
       DeterministicBuffers buffers;
       Outcome& o = out[std::size_t(r)];
       o.grad.assign(mlp.layout().size() + kGradStats, 0.0f);
       const Range shard = chunked_shard(batch, chunk, r, p);
-      o.stats = reduce_minibatch_gradient_deterministic(
-          mlp, group.member(r), params, testing::rows_of(x, shard.begin, shard.end),
-          testing::rows_of(y, shard.begin, shard.end), chunk, batch, buffers,
-          std::span<float>(o.grad));
+      const auto x = testing::rows_of(problem.x, shard.begin, shard.end);
+      const auto y = testing::rows_of(problem.y, shard.begin, shard.end);
+      const std::span<const float> params(problem.params);
+      o.stats = chunk > 0 ? reduce_minibatch_gradient_deterministic(mlp, group.member(r), params,
+                                                                    x, y, chunk, batch, buffers,
+                                                                    std::span<float>(o.grad))
+                          : reduce_minibatch_gradient<float>(mlp, group.member(r), params, x, y,
+                                                             std::span<float>(o.grad));
     });
   }
   for (auto& t : ranks) t.join();
@@ -101,19 +122,16 @@ TEST_P(DeterministicReduce, SameBitsForAnyRanksAndThreadsAndEqualToFullBatch) {
   const std::string layers = loss == "xent"  ? "20,48:relu,24:tanh,6:softmax"
                              : loss == "bce" ? "20,48:relu,24:sigmoid,6:sigmoid"
                                              : "20,48:tanh,24:relu,6:identity";
-  const ModelSpec spec = parse_model(layers, loss);
-  const Layout layout(spec);
-  AlignedVector<float> params(layout.size());
-  init_params<float>(spec, layout, 11, std::span<float>(params));
   const std::size_t batch = 103, chunk = 8;  // 13 chunks, the last of 7 rows
-  const RowMatrix<float> x = testing::random_matrix<float>(batch, 20, 31);
-  const RowMatrix<float> y = testing::random_targets<float>(spec.loss, batch, 6, 32);
+  const Problem problem = make_problem(layers, loss, batch, 11, 31);
+  const auto& [spec, params, x, y] = problem;
+  const Layout layout(spec);
 
-  const std::vector<Outcome> reference = reduce(spec, params, x, y, chunk, 1, 1);
+  const std::vector<Outcome> reference = reduce(problem, chunk, 1, 1);
   const auto g = std::span<const float>(reference[0].grad).first(layout.size());
   for (int threads : {1, 2}) {
     for (int p : {1, 2, 3, 4, 5, 16}) {  // 16 ranks: three of them hold no chunk
-      const std::vector<Outcome> run = reduce(spec, params, x, y, chunk, p, threads);
+      const std::vector<Outcome> run = reduce(problem, chunk, p, threads);
       for (int r = 0; r < p; ++r) {
         const Outcome& o = run[std::size_t(r)];
         EXPECT_TRUE(same_bits(std::span<const float>(o.grad).first(layout.size()), g))
@@ -153,45 +171,17 @@ INSTANTIATE_TEST_SUITE_P(Losses, DeterministicReduce, ::testing::Values("xent", 
 // The comparisons above can see a changed bit: the default mode, whose sums follow the shard
 // boundaries, does not give 1 rank's bits on 3 ranks for this batch.
 TEST(DeterministicReduce, TheDefaultModeDiffersSoTheComparisonCanFail) {
-  const ModelSpec spec = parse_model("20,48:relu,24:tanh,6:softmax", "xent");
-  const Layout layout(spec);
-  AlignedVector<float> params(layout.size());
-  init_params<float>(spec, layout, 11, std::span<float>(params));
-  const std::size_t batch = 103;
-  const RowMatrix<float> x = testing::random_matrix<float>(batch, 20, 31);
-  const RowMatrix<float> y = testing::random_targets<float>(Loss::xent, batch, 6, 32);
-  std::vector<AlignedVector<float>> grads;
-  for (int p : {1, 3}) {
-    LocalGroup group(p);
-    std::vector<AlignedVector<float>> out(std::size_t(p),
-                                          AlignedVector<float>(layout.size() + kGradStats));
-    std::vector<std::thread> ranks;
-    for (int r = 0; r < p; ++r) {
-      ranks.emplace_back([&, r] {
-        Mlp<float> mlp(spec);
-        const Range shard = shard_range(batch, r, p);
-        reduce_minibatch_gradient<float>(mlp, group.member(r), std::span<const float>(params),
-                                         testing::rows_of(x, shard.begin, shard.end),
-                                         testing::rows_of(y, shard.begin, shard.end),
-                                         std::span<float>(out[std::size_t(r)]));
-      });
-    }
-    for (auto& t : ranks) t.join();
-    grads.push_back(out[0]);
-  }
-  EXPECT_FALSE(same_bits(std::span<const float>(grads[0]).first(layout.size()),
-                         std::span<const float>(grads[1]).first(layout.size())));
+  const Problem problem = make_problem("20,48:relu,24:tanh,6:softmax", "xent", 103, 11, 31);
+  const std::size_t n = Layout(problem.spec).size();
+  const std::vector<Outcome> one = reduce(problem, 0, 1, 1), three = reduce(problem, 0, 3, 1);
+  EXPECT_FALSE(same_bits(std::span<const float>(one[0].grad).first(n),
+                         std::span<const float>(three[0].grad).first(n)));
 }
 
 TEST(DeterministicReduce, NonFiniteInputIsReportedOnEveryRank) {
-  const ModelSpec spec = parse_model("20,16:relu,6:softmax", "xent");
-  const Layout layout(spec);
-  AlignedVector<float> params(layout.size());
-  init_params<float>(spec, layout, 3, std::span<float>(params));
-  RowMatrix<float> x = testing::random_matrix<float>(40, 20, 5);
-  const RowMatrix<float> y = testing::random_targets<float>(Loss::xent, 40, 6, 6);
-  x(37, 4) = std::numeric_limits<float>::quiet_NaN();  // in the last rank's chunks
-  for (const Outcome& o : reduce(spec, params, x, y, 8, 3, 1)) {
+  Problem problem = make_problem("20,16:relu,6:softmax", "xent", 40, 3, 5);
+  problem.x(37, 4) = std::numeric_limits<float>::quiet_NaN();  // in the last rank's chunks
+  for (const Outcome& o : reduce(problem, 8, 3, 1)) {
     EXPECT_EQ(o.stats.nonfinite_layer, 0);
     EXPECT_FALSE(std::isfinite(o.stats.loss_sum));
   }
