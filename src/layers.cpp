@@ -204,12 +204,20 @@ void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, Matri
     for_blocks(n, block_size(n, kMinCols, kMinCols), [&](std::size_t c0, std::size_t c1) {
       c0 += p0;
       c1 += p0;
-      gemm<T>(Op::transpose, Op::none, whole(x), cols_of(delta, c0, c1 - c0), T(1),
+      auto sum = db.segment(Eigen::Index(c0), Eigen::Index(c1 - c0));
+      if (x.rows() == 0) {
+        StridedMap<T>(dw.data() + c0, dw.rows(), Eigen::Index(c1 - c0),
+                      Eigen::OuterStride<>(dw.cols()))
+            .setZero();
+        sum.setZero();
+        return;
+      }
+      gemm<T>(Op::transpose, Op::none, whole(x), cols_of(delta, c0, c1 - c0), T(0),
               cols_of(dw, c0, c1 - c0));
       // The summed bias rows, row by row: contiguous reads (a column sum of a row-major
       // matrix would stride through memory).
-      auto sum = db.segment(Eigen::Index(c0), Eigen::Index(c1 - c0));
-      for (Eigen::Index r = 0; r < delta.rows(); ++r) {
+      sum = delta.row(0).segment(Eigen::Index(c0), Eigen::Index(c1 - c0));
+      for (Eigen::Index r = 1; r < delta.rows(); ++r) {
         sum += delta.row(r).segment(Eigen::Index(c0), Eigen::Index(c1 - c0));
       }
     });

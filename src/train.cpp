@@ -1,5 +1,6 @@
 #include "shardprop/train.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -24,7 +25,8 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
   const std::size_t n = layout.size();
   SP_CHECK(grad.size() == n + kGradStats, "gradient buffer has ", grad.size(),
            " elements, expected ", n + kGradStats);
-  std::fill(grad.begin(), grad.end(), T(0));
+  // Backward writes every layer's gradient; only an empty shard leaves it to this fill.
+  if (x.rows() == 0) std::fill(grad.begin(), grad.end(), T(0));
   // Each layer's gradient is reduced as soon as backward has finished it (last layer
   // first), while the layers below are still computing; then the loss and sample counts.
   const auto reduce_layer = [&](std::size_t l) {
@@ -61,14 +63,19 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
                        double(grad[n + kSamples])};
   SP_CHECK(stats.samples > 0, "global minibatch is empty");
   // One pass per layer divides by the sample count and notices NaN or Inf: x·0 is 0 for
-  // every finite x and NaN otherwise, and the sum vectorizes where a branch would not.
+  // every finite x and NaN otherwise. Eigen's sum runs in vector lanes, where a plain loop
+  // would add one element at a time (a float sum may not be reordered); the order of a sum
+  // of zeros cannot matter. Blocks of 4096 are scaled and probed while in L1.
+  using Array = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+  constexpr std::size_t kBlock = 4096;
   const T scale = T(1) / T(stats.samples);
   for (std::size_t l = 0; l < layout.layer_count(); ++l) {
     const auto [begin, end] = layout.layer_range(l);
     T probe = 0;
-    for (std::size_t i = begin; i < end; ++i) {
-      grad[i] *= scale;
-      probe += grad[i] * T(0);
+    for (std::size_t i = begin; i < end; i += kBlock) {
+      Array block(grad.data() + i, Eigen::Index(std::min(kBlock, end - i)));
+      block *= scale;
+      probe += (block * T(0)).sum();
     }
     if (probe != T(0) && stats.nonfinite_layer < 0) stats.nonfinite_layer = int(l);
   }

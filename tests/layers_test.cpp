@@ -88,6 +88,19 @@ TEST(Seed001, WholeNetworkAgreesWithTheCorrectedOutput) {
   EXPECT_NEAR(yhat.sum(), 1.0, 1e-15);
 }
 
+// A shard without rows contributes nothing: its gradient is written as zeros.
+TEST(Seed000, NoRowsGiveZeroGradients) {
+  const std::size_t in = 37, out = 21;
+  const RowMatrix<double> x(0, in), delta(0, out);
+  RowMatrix<double> dw = RowMatrix<double>::Constant(in, out, 0.5);
+  Eigen::Matrix<double, 1, Eigen::Dynamic> db =
+      Eigen::Matrix<double, 1, Eigen::Dynamic>::Constant(out, -0.25);
+  dense_backward_params<double>(view(x), view(delta), MatrixView<double>(dw.data(), in, out),
+                                RowVectorView<double>(db.data(), out));
+  EXPECT_EQ(dw.cwiseAbs().maxCoeff(), 0.0);
+  EXPECT_EQ(db.cwiseAbs().maxCoeff(), 0.0);
+}
+
 // Seed 000: for a batch, dW = inputᵀ·δ is the sum of the samples' outer products, the bias
 // gradient is the column sum of δ (the summed bias rows), and δ of the layer below is
 // (δ·Wᵀ) ⊙ f'(a).
@@ -98,11 +111,13 @@ TEST(Seed000, BatchedGradientsAreSumsOfPerSampleGradients) {
   const RowMatrix<double> w = random_matrix<double>(in, out, 3);
   RowMatrix<double> a_prev = random_matrix<double>(rows, in, 4).array().abs();
 
-  RowMatrix<double> dw = RowMatrix<double>::Constant(in, out, 0.5);  // backward accumulates
-  Eigen::Matrix<double, 1, Eigen::Dynamic> db = Eigen::Matrix<double, 1, Eigen::Dynamic>::Zero(out);
+  // Whatever the buffers held before is overwritten, not added to.
+  RowMatrix<double> dw = RowMatrix<double>::Constant(in, out, 0.5);
+  Eigen::Matrix<double, 1, Eigen::Dynamic> db =
+      Eigen::Matrix<double, 1, Eigen::Dynamic>::Constant(out, -0.25);
   dense_backward_params<double>(view(x), view(delta), MatrixView<double>(dw.data(), in, out),
                                 RowVectorView<double>(db.data(), out));
-  RowMatrix<double> dw_ref = RowMatrix<double>::Constant(in, out, 0.5);
+  RowMatrix<double> dw_ref = RowMatrix<double>::Zero(in, out);
   Eigen::Matrix<double, 1, Eigen::Dynamic> db_ref = Eigen::Matrix<double, 1, Eigen::Dynamic>::Zero(out);
   for (std::size_t r = 0; r < rows; ++r) {
     dw_ref += x.row(r).transpose() * delta.row(r);

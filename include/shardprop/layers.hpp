@@ -37,7 +37,8 @@ template <class T>
 void dense_forward(ConstMatrixView<T> x, ConstMatrixView<T> w, ConstRowVectorView<T> b,
                    Activation act, MatrixView<T> out);
 
-// dw += xᵀ·delta and db += column sums of delta (the summed bias rows).
+// dw = xᵀ·delta and db = column sums of delta (the summed bias rows); both are written, not
+// added to, so the caller need not clear them first (0 rows give zeros).
 // x (rows, in), delta (rows, out), dw (in, out), db (out). Split over output columns, so
 // no thread ever writes another's columns and no per-thread reduction is needed.
 // With `progress`, the columns go in a few consecutive parts and progress(0) runs on the

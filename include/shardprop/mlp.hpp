@@ -32,7 +32,7 @@ class Mlp {
   // Forward pass and loss against targets y (rows, out), without gradients.
   LossSums evaluate(std::span<const T> params, ConstMatrixView<T> x, ConstMatrixView<T> y);
 
-  // Forward, loss and backward over one shard: adds the gradient of the *sum* of the
+  // Forward, loss and backward over one shard: writes the gradient of the *sum* of the
   // shard's per-sample losses to `grad_sum` (dW = inputᵀ·δ, db = column sums of δ) and
   // returns the loss sums. Dividing the reduced sums by the global sample count gives the
   // mean gradient of the global minibatch. `layer_done(l)` runs as soon as layer l's
