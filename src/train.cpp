@@ -45,12 +45,16 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
     grad[n + kCorrect] = T(sums.correct);
     grad[n + kSamples] = T(x.rows());
   }
-  // Without overlap, and on an empty shard (which still takes part in every reduction),
-  // the layers' reductions start here, in backward's order.
-  if (!overlap || x.rows() == 0) {
-    for (std::size_t l = layout.layer_count(); l-- > 0;) reduce_layer(l);
+  if (!overlap) {
+    // One reduction of the whole buffer, the statistics included, after backward.
+    comm.start_allreduce_sum(grad);
+  } else {
+    // An empty shard still takes part in every reduction, in backward's order.
+    if (x.rows() == 0) {
+      for (std::size_t l = layout.layer_count(); l-- > 0;) reduce_layer(l);
+    }
+    comm.start_allreduce_sum(grad.subspan(n, kGradStats));
   }
-  comm.start_allreduce_sum(grad.subspan(n, kGradStats));
   const auto computed = clock::now();
   before_wait(0);  // not counted as compute or wait: the step's rest
   const auto waiting = clock::now();

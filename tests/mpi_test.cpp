@@ -7,6 +7,7 @@
 
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <thread>
 #include <oneapi/tbb/global_control.h>
@@ -52,13 +53,23 @@ void check_reduction(double tolerance) {
     EXPECT_LT(testing::max_relative_error<T>(layout, g, full), tolerance)
         << "batch " << batch << " over " << world->size() << " ranks";
     expect_same_on_all_ranks<T>(g);
-    // Starting the reductions after backward instead of during it changes no bit.
+    // One reduction of the whole gradient after backward gives the same mean gradient,
+    // equal on every rank. On 1 or 2 ranks it has the same bits (a + b = b + a); on more,
+    // MPI may add the ranks' parts in another order.
     AlignedVector<T> after(layout.size() + kGradStats);
-    reduce_minibatch_gradient<T>(mlp, *world, std::span<const T>(params),
-                                 testing::rows_of(x, shard.begin, shard.end),
-                                 testing::rows_of(y, shard.begin, shard.end),
-                                 std::span<T>(after), nullptr, {}, /*overlap=*/false);
-    EXPECT_TRUE(std::equal(grad.begin(), grad.end(), after.begin())) << "batch " << batch;
+    const MinibatchStats once = reduce_minibatch_gradient<T>(
+        mlp, *world, std::span<const T>(params), testing::rows_of(x, shard.begin, shard.end),
+        testing::rows_of(y, shard.begin, shard.end), std::span<T>(after), nullptr, {},
+        /*overlap=*/false);
+    EXPECT_EQ(once.samples, double(batch));
+    EXPECT_NEAR(once.loss_sum, stats.loss_sum, tolerance * std::abs(stats.loss_sum));
+    const auto a = std::span<const T>(after).first(layout.size());
+    EXPECT_LT(testing::max_relative_error<T>(layout, a, full), tolerance)
+        << "batch " << batch << " over " << world->size() << " ranks";
+    expect_same_on_all_ranks<T>(a);
+    if (world->size() <= 2) {
+      EXPECT_TRUE(std::equal(grad.begin(), grad.end(), after.begin())) << "batch " << batch;
+    }
   }
 }
 

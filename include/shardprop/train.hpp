@@ -32,15 +32,15 @@ struct MinibatchStats {
   int nonfinite_layer = -1;  // the first layer whose mean gradient holds NaN or Inf
 };
 
-// One rank's part of a global minibatch gradient: adds the gradient sums of this rank's
-// shard (x, y; it may be empty), allreduces them layer by layer as backward finishes each
-// (overlapping the reduction with the layers below), then the loss sum, correct count and
-// sample count, and divides by the global sample count. On return grad[0, n)
-// is the mean gradient of the global minibatch on every rank. `grad` has
-// layout.size() + kGradStats elements. Adds the time of its parts to `times` if given, and
-// runs before_wait(0) once every reduction has started, before waiting for them. With
-// overlap false, every reduction starts after the whole backward pass (same order, same
-// result), to measure what the overlap saves.
+// One rank's part of a global minibatch gradient: computes the gradient sums of this rank's
+// shard (x, y; it may be empty), allreduces them with the loss sum, correct count and sample
+// count, and divides by the global sample count. On return grad[0, n) is the mean gradient
+// of the global minibatch on every rank. `grad` has layout.size() + kGradStats elements.
+// With `overlap`, each layer's reduction starts as soon as backward has finished it, while
+// the layers below still compute; without, one reduction of the whole buffer starts after
+// backward. The sums are the same; on more than 2 ranks the order in which MPI adds the
+// ranks' parts may differ, and so may the last bits. Adds the time of its parts to `times`
+// if given, and runs before_wait(0) once every reduction has started, before waiting.
 template <class T>
 MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
                                          std::span<const T> params, ConstMatrixView<T> x,
@@ -62,6 +62,12 @@ int fixed_point_exponent(double bound, std::size_t terms);
 // The sum over all ranks of `values`, this rank's share of `terms` values in all, added in
 // fixed point: the same bits in any order. +inf if a value is not finite.
 double exact_sum(Communicator& comm, std::span<const double> values, std::size_t terms);
+
+// `--overlap auto`: overlap the reductions with backward when the ranks span more than one
+// host, where the network moves the data while the cores compute. Ranks that share one host
+// move it by their own copies, and one reduction after backward measured faster there
+// (docs/PERFORMANCE.md). Every rank comes to the same answer.
+inline bool overlap_by_default(int ranks, int ranks_on_node) { return ranks_on_node < ranks; }
 
 // A rank's part of the global rows [0, rows) when chunks of `chunk` rows (0: none, plain
 // shards) are dealt out in contiguous runs, so that shard edges fall on chunk edges.
@@ -97,7 +103,9 @@ struct TrainConfig {
   std::size_t eval_batch = 1024;   // rows per forward pass when evaluating
   OptimizerConfig optimizer;       // optimizer.lr is the base learning rate
   bool cosine_schedule = false;    // lr·½(1 + cos(π·step/total steps)) instead of constant lr
-  bool overlap = true;             // reduce each layer's gradient while backward goes on
+  // Reduce each layer's gradient while backward goes on (true), or the whole gradient at
+  // once after it (false): overlap_by_default() says which suits the ranks' hosts.
+  bool overlap = true;
   // Rows per chunk of the deterministic mode; 0 is the default mode.
   std::size_t deterministic_chunk = 0;
 };
