@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -17,6 +18,7 @@
 
 #include "shardprop/data.hpp"
 #include "shardprop/error.hpp"
+#include "shardprop/layers.hpp"
 #include "shardprop/rng.hpp"
 #include "shardprop/train.hpp"
 
@@ -122,6 +124,73 @@ struct Workload {
   std::size_t batch;
 };
 
+// The matrix products of one training step alone, through the training kernels at a case's
+// shard shape and thread count: X·W for every layer, then δ·Wᵀ (all but the first) and Xᵀ·δ,
+// from the last layer down. Activations are the identity, and there is no loss, no gradient
+// check, no communication and no optimizer, so this is what the products of a step cost on
+// their own: the most any step of these shapes could reach on this machine.
+class Products {
+ public:
+  Products(const ModelSpec& spec, std::size_t rows, const Dataset& data)
+      : spec_(spec), rows_(rows), x_(data.features.begin(), data.features.begin() + std::ptrdiff_t(rows * data.cols)) {
+    Rng rng(7);
+    const auto fill = [&](AlignedVector<float>& v, std::size_t n, double scale) {
+      v.resize(n);
+      for (float& e : v) e = float(scale * (2 * rng.uniform() - 1));
+    };
+    for (const LayerSpec& l : spec_.layers) {
+      Layer& layer = layers_.emplace_back();
+      fill(layer.w, l.in * l.out, 1 / std::sqrt(double(l.in)));
+      fill(layer.b, l.out, 0.1);
+      fill(layer.a, rows * l.out, 0);
+      fill(layer.delta, rows * l.out, 0.1);  // the last layer's stands for the loss's δ
+      fill(layer.dw, l.in * l.out, 0);
+      fill(layer.db, l.out, 0);
+    }
+  }
+
+  void step() {
+    const auto rows = Eigen::Index(rows_);
+    const std::size_t n = layers_.size();
+    const auto view = [&](AlignedVector<float>& v, std::size_t cols) {
+      return MatrixView<float>(v.data(), rows, Eigen::Index(cols));
+    };
+    const auto input = [&](std::size_t l) {
+      return ConstMatrixView<float>(l == 0 ? x_.data() : layers_[l - 1].a.data(), rows,
+                                    Eigen::Index(spec_.layers[l].in));
+    };
+    for (std::size_t l = 0; l < n; ++l) {
+      const LayerSpec& s = spec_.layers[l];
+      dense_forward<float>(input(l), weights(l), ConstRowVectorView<float>(layers_[l].b.data(), Eigen::Index(s.out)),
+                           Activation::identity, view(layers_[l].a, s.out));
+    }
+    for (std::size_t l = n; l-- > 0;) {
+      const LayerSpec& s = spec_.layers[l];
+      const ConstMatrixView<float> delta(layers_[l].delta.data(), rows, Eigen::Index(s.out));
+      if (l > 0) {
+        dense_backward_input<float>(delta, weights(l), input(l), Activation::identity,
+                                    view(layers_[l - 1].delta, s.in));
+      }
+      dense_backward_params<float>(input(l), delta,
+                                   MatrixView<float>(layers_[l].dw.data(), Eigen::Index(s.in), Eigen::Index(s.out)),
+                                   RowVectorView<float>(layers_[l].db.data(), Eigen::Index(s.out)));
+    }
+  }
+
+ private:
+  struct Layer {
+    AlignedVector<float> w, b, a, delta, dw, db;
+  };
+  ConstMatrixView<float> weights(std::size_t l) const {
+    return ConstMatrixView<float>(layers_[l].w.data(), Eigen::Index(spec_.layers[l].in),
+                                  Eigen::Index(spec_.layers[l].out));
+  }
+  ModelSpec spec_;
+  std::size_t rows_;
+  AlignedVector<float> x_;
+  std::vector<Layer> layers_;
+};
+
 struct Result {
   std::string workload, mode, layers;
   std::size_t batch = 0;
@@ -132,15 +201,14 @@ struct Result {
 };
 
 // Everything but the efficiency, which needs the limit measured after all cases. One result
-// per mode: the default mode, then with --deterministic the deterministic one; their timed
-// windows alternate, so a drift in the machine's speed touches both alike.
+// per mode: the default mode, with --deterministic the deterministic one, and the step's
+// products alone. Their timed windows alternate, so a drift in the machine's speed touches
+// all alike.
 std::vector<Result> run_case(Communicator& comm, const Workload& w, const Dataset& data,
-                             int threads, const Args& args) {
+                             int threads, bool overlap, const Args& args) {
   const oneapi::tbb::global_control parallelism(
       oneapi::tbb::global_control::max_allowed_parallelism, std::size_t(threads));
   const ModelSpec spec = parse_model(w.layers, "xent");
-  std::vector<std::size_t> chunks{0};
-  if (args.deterministic_chunk > 0) chunks.push_back(args.deterministic_chunk);
   std::vector<std::uint32_t> order;
   epoch_permutation(data.rows, 1, 0, order);
   const std::size_t batches = data.rows / w.batch;
@@ -148,38 +216,57 @@ std::vector<Result> run_case(Communicator& comm, const Workload& w, const Datase
     return std::span<const std::uint32_t>(order).subspan((k % batches) * w.batch, w.batch);
   };
   struct Mode {
-    std::unique_ptr<Trainer> trainer;
+    std::string name;
+    std::unique_ptr<Trainer> trainer;    // a training mode
+    std::unique_ptr<Products> products;  // or the products alone
     std::size_t next = 0;
     std::int64_t per_window = 0;
-    void step(const decltype(batch)& batch) {  // as in training: the next batch is gathered during this step
-      trainer->step(batch(next), batch(next + 1));
-      ++next;
+    void step(const decltype(batch)& batch) {
+      if (products) {
+        products->step();
+      } else {  // as in training: the next batch is gathered during this step
+        trainer->step(batch(next), batch(next + 1));
+        ++next;
+      }
     }
   };
-  std::vector<Mode> modes(chunks.size());
-  for (std::size_t m = 0; m < chunks.size(); ++m) {
-    TrainConfig config;
-    config.batch = w.batch;
-    config.epochs = 1u << 20;
-    config.optimizer.lr = 0.01;
-    config.deterministic_chunk = chunks[m];
-    Mode& mode = modes[m];
-    mode.trainer = std::make_unique<Trainer>(spec, config, comm, data);
+  std::vector<Mode> modes(args.deterministic_chunk > 0 ? 3 : 2);
+  modes.front().name = "default";
+  if (args.deterministic_chunk > 0) modes[1].name = "deterministic";
+  modes.back().name = "products";
+  // The default mode's peak memory is read once it has run its warm-up and calibration steps
+  // (a steady-state step allocates nothing), before the other modes exist.
+  reset_peak_rss();
+  double default_peak = 0;
+  for (Mode& mode : modes) {
+    if (mode.name == "products") {
+      const std::size_t rows = chunked_shard(w.batch, 0, comm.rank(), comm.size()).size();
+      mode.products = std::make_unique<Products>(spec, rows, data);
+    } else {
+      TrainConfig config;
+      config.batch = w.batch;
+      config.epochs = 1u << 20;
+      config.optimizer.lr = 0.01;
+      config.deterministic_chunk = mode.name == "deterministic" ? args.deterministic_chunk : 0;
+      config.overlap = overlap;
+      mode.trainer = std::make_unique<Trainer>(spec, config, comm, data);
+    }
     for (int i = 0; i < args.warmup; ++i) mode.step(batch);
     // Steps per window from a short calibration, agreed on by all ranks (rank 0's).
     const auto start = clock::now();
     for (int i = 0; i < 5; ++i) mode.step(batch);
     mode.per_window = std::max<std::int64_t>(3, std::int64_t(args.window_s / (seconds_since(start) / 5)));
     comm.broadcast_values(std::span<std::int64_t>(&mode.per_window, 1), 0);
+    if (mode.name == "default") default_peak = peak_rss_mb();
   }
 
-  reset_peak_rss();
   std::vector<Result> results(modes.size());
+  std::vector<std::vector<double>> seconds(modes.size());
   for (std::size_t m = 0; m < modes.size(); ++m) {
-    modes[m].trainer->reset_step_times();
+    if (modes[m].trainer) modes[m].trainer->reset_step_times();
     Result& r = results[m];
     r.workload = w.name;
-    r.mode = chunks[m] > 0 ? "deterministic" : "default";
+    r.mode = modes[m].name;
     r.layers = spec.layers_string();
     r.batch = w.batch;
     r.ranks = comm.size();
@@ -187,18 +274,31 @@ std::vector<Result> run_case(Communicator& comm, const Workload& w, const Datase
   }
   for (int window = 0; window < args.windows; ++window) {
     for (std::size_t m = 0; m < modes.size(); ++m) {
+      // The products alone never communicate, so the ranks start each window together.
+      if (modes[m].products) comm.allreduce_max(std::int64_t{0});
       const auto start = clock::now();
       for (std::int64_t i = 0; i < modes[m].per_window; ++i) modes[m].step(batch);
-      results[m].window_rates.push_back(double(modes[m].per_window) * double(w.batch) /
-                                        seconds_since(start));
+      seconds[m].push_back(seconds_since(start));
     }
   }
-  // Every rank took part in every step's allreduce, so rank 0's windows time the job; the
-  // split of a step is averaged over the ranks, the memory is the largest rank's (of both
-  // modes together when they alternate).
-  const double peak = double(comm.allreduce_max(std::int64_t(peak_rss_mb() * 1024))) / 1024;
+  // A window ends when its slowest rank is done. The split of a step is averaged over the
+  // ranks; the memory is the largest rank's.
+  const double peaks[2] = {default_peak, peak_rss_mb()};
+  std::int64_t peak_kb[2] = {};
+  for (int i = 0; i < 2; ++i) peak_kb[i] = comm.allreduce_max(std::int64_t(peaks[i] * 1024));
   for (std::size_t m = 0; m < modes.size(); ++m) {
     Result& r = results[m];
+    comm.allreduce_max(std::span<double>(seconds[m]));
+    for (double t : seconds[m]) {
+      r.window_rates.push_back(double(modes[m].per_window) * double(w.batch) / t);
+    }
+    r.samples_per_s = median(r.window_rates);
+    r.gflops = r.samples_per_s * flops_per_sample(spec) / 1e9;
+    r.peak_rss_mb = double(peak_kb[r.mode == "default" ? 0 : 1]) / 1024;
+    if (!modes[m].trainer) {  // all compute
+      r.step_ms = r.compute_ms = 1e3 * double(w.batch) / r.samples_per_s;
+      continue;
+    }
     const StepTimes& t = modes[m].trainer->step_times();
     double split[3] = {t.compute, t.allreduce, t.total};
     comm.allreduce_sum(std::span<double>(split));
@@ -207,9 +307,6 @@ std::vector<Result> run_case(Communicator& comm, const Workload& w, const Datase
     r.allreduce_ms = split[1] * per_step_ms;
     r.step_ms = split[2] * per_step_ms;
     r.rest_ms = r.step_ms - r.compute_ms - r.allreduce_ms;
-    r.peak_rss_mb = peak;
-    r.samples_per_s = median(r.window_rates);
-    r.gflops = r.samples_per_s * flops_per_sample(spec) / 1e9;
   }
   return results;
 }
@@ -249,7 +346,8 @@ std::string gemm_json(const Gemm& g) {
          (g.openblas > 0 ? json_number(g.openblas) : std::string("null")) + "}";
 }
 
-std::string to_json(const Gemm& start, const Gemm& end, const std::vector<Result>& results,
+std::string to_json(const Gemm& start, const Gemm& end, const Gemm& both_start,
+                    const Gemm& both_end, const std::vector<Result>& results,
                     const std::string& data, int cores) {
   const Gemm g = Gemm::best(start, end);
   std::ostringstream j;
@@ -259,7 +357,12 @@ std::string to_json(const Gemm& start, const Gemm& end, const std::vector<Result
   j << "  \"gemm_1024_gflops_per_core\": {\"eigen\": " << json_number(g.eigen)
     << ", \"openblas\": " << (g.openblas > 0 ? json_number(g.openblas) : "null")
     << ", \"limit\": " << json_number(g.limit()) << ", \"at_start\": " << gemm_json(start)
-    << ", \"at_end\": " << gemm_json(end) << "},\n  \"cases\": [\n";
+    << ", \"at_end\": " << gemm_json(end) << "},\n";
+  if (both_start.eigen > 0) {
+    j << "  \"gemm_1024_gflops_per_core_both_cores_busy\": {\"at_start\": " << gemm_json(both_start)
+      << ", \"at_end\": " << gemm_json(both_end) << "},\n";
+  }
+  j << "  \"cases\": [\n";
   for (std::size_t i = 0; i < results.size(); ++i) {
     const Result& r = results[i];
     j << "    {\"workload\": \"" << r.workload << "\", \"mode\": \"" << r.mode
@@ -288,6 +391,7 @@ int run(const Args& args, MpiComm& world) {
   Dataset data;
   collective_check(world, [&] { data = load_or_make(args.data_path, real); });
   const int cores = int(std::thread::hardware_concurrency());
+  const bool overlap = overlap_by_default(world.size(), world.ranks_on_node());  // as train's auto
 
   // The single-core limit is measured before and after the training cases, and the better
   // measurement of each library counts: this machine's speed drifts, and a limit taken at a
@@ -298,7 +402,19 @@ int run(const Args& args, MpiComm& world) {
     wait_for_rank0(world);  // rank 1 sleeps through the single-core measurement
     return g;
   };
+  // The same GEMM on both ranks at once, each on its own core: the mean per core. What two
+  // busy cores of this machine give against one.
+  const auto measure_both = [&] {
+    Gemm g;
+    if (world.size() < 2) return g;
+    world.allreduce_max(std::int64_t{0});
+    g = measure_gemm();
+    double sums[2] = {g.eigen, g.openblas};
+    world.allreduce_sum(std::span<double>(sums));
+    return Gemm{sums[0] / 2, sums[1] / 2};
+  };
   const Gemm at_start = measure();
+  const Gemm both_at_start = measure_both();
 
   const Workload workloads[] = {{"small", "784,256:relu,128:relu,10:softmax", 128},
                                 {"wide", "784,1024:relu,1024:relu,10:softmax", 256}};
@@ -308,29 +424,37 @@ int run(const Args& args, MpiComm& world) {
     for (int threads : {1, 2}) {
       if (root) {
         MpiComm self(MPI_COMM_SELF);
-        for (Result& r : run_case(self, w, data, threads, args)) results.push_back(std::move(r));
+        for (Result& r : run_case(self, w, data, threads, overlap, args)) results.push_back(std::move(r));
         self.free();
       }
       wait_for_rank0(world);
     }
     if (world.size() == 2) {
-      for (Result& r : run_case(world, w, data, 1, args)) {
+      for (Result& r : run_case(world, w, data, 1, overlap, args)) {
         if (root) results.push_back(std::move(r));
       }
     }
   }
   const Gemm at_end = measure();
+  const Gemm both_at_end = measure_both();
   if (!root) return 0;
   const Gemm gemm = Gemm::best(at_start, at_end);
-  const auto print_gemm = [](const char* when, const Gemm& g) {
-    std::printf("GEMM 1024x1024x1024 float32 on one core, %s: Eigen %.1f GFLOP/s", when, g.eigen);
+  const auto print_gemm = [](const char* where, const char* when, const Gemm& g) {
+    std::printf("GEMM 1024x1024x1024 float32 %s, %s: Eigen %.1f GFLOP/s", where, when, g.eigen);
     if (g.openblas > 0) std::printf(", OpenBLAS %.1f GFLOP/s", g.openblas);
     std::printf("\n");
   };
-  print_gemm("at the start", at_start);
-  print_gemm("at the end", at_end);
+  print_gemm("on one core", "at the start", at_start);
+  print_gemm("on one core", "at the end", at_end);
   std::printf("limit: %.1f GFLOP/s per core, the best of these (training uses %s)\n",
               gemm.limit(), SHARDPROP_TRAINING_GEMM);
+  const Gemm both = Gemm::best(both_at_start, both_at_end);
+  if (world.size() == 2) {
+    print_gemm("on both cores at once, per core", "at the start", both_at_start);
+    print_gemm("on both cores at once, per core", "at the end", both_at_end);
+    std::printf("both cores at once: %.2f of the limit per core, the best of these\n",
+                both.limit() / gemm.limit());
+  }
   std::printf("data: %s\n\n", real ? args.data_path.c_str() : "synthetic, 60000 x 784, 10 classes");
   std::printf("%-6s %-13s %-13s %10s %8s %6s %8s %8s %9s %7s %8s\n", "case", "mode",
               "ranks x thr", "samples/s", "GFLOP/s", "eff", "step ms", "compute", "allreduce",
@@ -353,10 +477,25 @@ int run(const Args& args, MpiComm& world) {
   };
   for (const Workload& w : workloads) {
     const Result* base = find(w.name, "default", 1, 1);
+    const Result* base_products = find(w.name, "products", 1, 1);
     for (const auto& [ranks, threads] : {std::pair{1, 2}, std::pair{2, 1}}) {
-      if (const Result* r = find(w.name, "default", ranks, threads)) {
-        std::printf("%s: %d x %d is %.2fx the samples/s of 1 x 1\n", w.name, ranks, threads,
-                    r->samples_per_s / base->samples_per_s);
+      const Result* r = find(w.name, "default", ranks, threads);
+      const Result* p = find(w.name, "products", ranks, threads);
+      if (r && p) {
+        std::printf("%s: %d x %d is %.2fx the samples/s of 1 x 1 (the products alone: %.2fx)\n",
+                    w.name, ranks, threads, r->samples_per_s / base->samples_per_s,
+                    p->samples_per_s / base_products->samples_per_s);
+      }
+    }
+  }
+  std::printf("\ntraining against the products alone (same case, alternating windows):\n");
+  for (const Workload& w : workloads) {
+    for (const auto& [ranks, threads] : {std::pair{1, 1}, std::pair{1, 2}, std::pair{2, 1}}) {
+      const Result* r = find(w.name, "default", ranks, threads);
+      const Result* p = find(w.name, "products", ranks, threads);
+      if (r && p) {
+        std::printf("%s: %d x %d keeps %.2f of the products' samples/s\n", w.name, ranks,
+                    threads, r->samples_per_s / p->samples_per_s);
       }
     }
   }
@@ -376,7 +515,7 @@ int run(const Args& args, MpiComm& world) {
   }
   if (!args.json_path.empty()) {
     std::ofstream out(args.json_path, std::ios::trunc);
-    out << to_json(at_start, at_end, results, real ? args.data_path : "synthetic", cores);
+    out << to_json(at_start, at_end, both_at_start, both_at_end, results, real ? args.data_path : "synthetic", cores);
     out.close();
     SP_CHECK(out, "--json ", args.json_path, ": cannot write");
     std::printf("wrote %s\n", args.json_path.c_str());
