@@ -488,30 +488,25 @@ int run(const Args& args, MpiComm& world) {
       }
     }
   }
-  std::printf("\ntraining against the products alone (same case, alternating windows):\n");
-  for (const Workload& w : workloads) {
-    for (const auto& [ranks, threads] : {std::pair{1, 1}, std::pair{1, 2}, std::pair{2, 1}}) {
-      const Result* r = find(w.name, "default", ranks, threads);
-      const Result* p = find(w.name, "products", ranks, threads);
-      if (r && p) {
-        std::printf("%s: %d x %d keeps %.2f of the products' samples/s\n", w.name, ranks,
-                    threads, r->samples_per_s / p->samples_per_s);
-      }
-    }
-  }
-  if (args.deterministic_chunk > 0) {
-    std::printf("\ndeterministic mode (chunks of %zu rows) against the default mode:\n",
-                args.deterministic_chunk);
+  // Every case's samples/s in `mode` as a share of its samples/s in mode `of` (`whose`).
+  const auto print_shares = [&](const char* mode, const char* of, const char* whose) {
     for (const Workload& w : workloads) {
       for (const auto& [ranks, threads] : {std::pair{1, 1}, std::pair{1, 2}, std::pair{2, 1}}) {
-        const Result* d = find(w.name, "deterministic", ranks, threads);
-        const Result* base = find(w.name, "default", ranks, threads);
-        if (d && base) {
-          std::printf("%s: %d x %d keeps %.2f of the default's samples/s\n", w.name, ranks,
-                      threads, d->samples_per_s / base->samples_per_s);
+        const Result* r = find(w.name, mode, ranks, threads);
+        const Result* base = find(w.name, of, ranks, threads);
+        if (r && base) {
+          std::printf("%s: %d x %d keeps %.2f of %s samples/s\n", w.name, ranks, threads,
+                      r->samples_per_s / base->samples_per_s, whose);
         }
       }
     }
+  };
+  std::printf("\ntraining against the products alone (same case, alternating windows):\n");
+  print_shares("default", "products", "the products'");
+  if (args.deterministic_chunk > 0) {
+    std::printf("\ndeterministic mode (chunks of %zu rows) against the default mode:\n",
+                args.deterministic_chunk);
+    print_shares("deterministic", "default", "the default's");
   }
   if (!args.json_path.empty()) {
     std::ofstream out(args.json_path, std::ios::trunc);

@@ -27,8 +27,8 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
            " elements, expected ", n + kGradStats);
   // Backward writes every layer's gradient; only an empty shard leaves it to this fill.
   if (x.rows() == 0) std::fill(grad.begin(), grad.end(), T(0));
-  // Each layer's gradient is reduced as soon as backward has finished it (last layer
-  // first), while the layers below are still computing; then the loss and sample counts.
+  // With overlap, each layer's gradient is reduced as soon as backward has finished it (last
+  // layer first), while the layers below are still computing; then the loss and sample counts.
   const auto reduce_layer = [&](std::size_t l) {
     const auto [begin, end] = layout.layer_range(l);
     comm.start_allreduce_sum(grad.subspan(begin, end - begin));
