@@ -274,8 +274,10 @@ std::vector<Result> run_case(Communicator& comm, const Workload& w, const Datase
   }
   for (int window = 0; window < args.windows; ++window) {
     for (std::size_t m = 0; m < modes.size(); ++m) {
-      // The products alone never communicate, so the ranks start each window together.
-      if (modes[m].products) comm.allreduce_max(std::int64_t{0});
+      // The ranks start each window together: the products alone never communicate, so
+      // one rank may end its window well after the other, and the next window would
+      // otherwise open by waiting for it.
+      comm.allreduce_max(std::int64_t{0});
       const auto start = clock::now();
       for (std::int64_t i = 0; i < modes[m].per_window; ++i) modes[m].step(batch);
       seconds[m].push_back(seconds_since(start));
