@@ -205,7 +205,7 @@ struct Result {
 // products alone. Their timed windows alternate, so a drift in the machine's speed touches
 // all alike.
 std::vector<Result> run_case(Communicator& comm, const Workload& w, const Dataset& data,
-                             int threads, bool overlap, const Args& args) {
+                             int threads, const Args& args) {
   const oneapi::tbb::global_control parallelism(
       oneapi::tbb::global_control::max_allowed_parallelism, std::size_t(threads));
   const ModelSpec spec = parse_model(w.layers, "xent");
@@ -248,7 +248,6 @@ std::vector<Result> run_case(Communicator& comm, const Workload& w, const Datase
       config.epochs = 1u << 20;
       config.optimizer.lr = 0.01;
       config.deterministic_chunk = mode.name == "deterministic" ? args.deterministic_chunk : 0;
-      config.overlap = overlap;
       mode.trainer = std::make_unique<Trainer>(spec, config, comm, data);
     }
     for (int i = 0; i < args.warmup; ++i) mode.step(batch);
@@ -393,7 +392,6 @@ int run(const Args& args, MpiComm& world) {
   Dataset data;
   collective_check(world, [&] { data = load_or_make(args.data_path, real); });
   const int cores = int(std::thread::hardware_concurrency());
-  const bool overlap = overlap_by_default(world.size(), world.ranks_on_node());  // as train's auto
 
   // The single-core limit is measured before and after the training cases, and the better
   // measurement of each library counts: this machine's speed drifts, and a limit taken at a
@@ -426,13 +424,13 @@ int run(const Args& args, MpiComm& world) {
     for (int threads : {1, 2}) {
       if (root) {
         MpiComm self(MPI_COMM_SELF);
-        for (Result& r : run_case(self, w, data, threads, overlap, args)) results.push_back(std::move(r));
+        for (Result& r : run_case(self, w, data, threads, args)) results.push_back(std::move(r));
         self.free();
       }
       wait_for_rank0(world);
     }
     if (world.size() == 2) {
-      for (Result& r : run_case(world, w, data, 1, overlap, args)) {
+      for (Result& r : run_case(world, w, data, 1, args)) {
         if (root) results.push_back(std::move(r));
       }
     }

@@ -34,7 +34,7 @@ namespace {
 struct TrainArgs {
   std::string train_path, test_path, layers = "784,256:relu,128:relu,10:softmax", loss = "xent";
   std::string optimizer = "sgd", lr_schedule = "constant", metrics_path, progress = "auto";
-  std::string overlap = "auto";
+  std::string overlap = "on";
   std::string save_path, checkpoint_dir, resume;
   std::size_t batch = 256, epochs = 10, eval_batch = 1024, chunk = 64;
   bool deterministic = false;
@@ -263,9 +263,7 @@ int run_train(const TrainArgs& args, sp::MpiComm& comm) {
     config.optimizer.momentum = args.momentum;
     config.optimizer.weight_decay = args.weight_decay;
     config.cosine_schedule = args.lr_schedule == "cosine";
-    config.overlap = args.overlap == "auto"
-                         ? sp::overlap_by_default(comm.size(), comm.ranks_on_node())
-                         : args.overlap == "on";
+    config.overlap = args.overlap == "on";
     SP_CHECK(args.deterministic || !args.has("--chunk"), "--chunk needs --deterministic");
     config.deterministic_chunk = args.deterministic ? args.chunk : 0;
   });
@@ -685,8 +683,8 @@ int main(int argc, char** argv) {
       ->check(number_above(0, true));
   train->add_option("--overlap", t.overlap,
                     "on: reduce each layer's gradient while backward goes on; off: the whole "
-                    "gradient at once after it; auto: on when the ranks span several hosts")
-      ->check(CLI::IsMember({"auto", "on", "off"}))->capture_default_str();
+                    "gradient at once after it (for measuring)")
+      ->check(CLI::IsMember({"on", "off"}))->capture_default_str();
   train->add_flag("--deterministic", t.deterministic,
                   "Bitwise-identical results for any number of ranks and threads "
                   "(docs/reproducibility.md)");

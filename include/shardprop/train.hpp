@@ -63,12 +63,6 @@ int fixed_point_exponent(double bound, std::size_t terms);
 // fixed point: the same bits in any order. +inf if a value is not finite.
 double exact_sum(Communicator& comm, std::span<const double> values, std::size_t terms);
 
-// `--overlap auto`: overlap the reductions with backward when the ranks span more than one
-// host, where the network moves the data while the cores compute. Ranks that share one host
-// move it by their own copies, and one reduction after backward measured faster there
-// (docs/PERFORMANCE.md). Every rank comes to the same answer.
-inline bool overlap_by_default(int ranks, int ranks_on_node) { return ranks_on_node < ranks; }
-
 // A rank's part of the global rows [0, rows) when chunks of `chunk` rows (0: none, plain
 // shards) are dealt out in contiguous runs, so that shard edges fall on chunk edges.
 Range chunked_shard(std::size_t rows, std::size_t chunk, int rank, int size);
@@ -104,7 +98,7 @@ struct TrainConfig {
   OptimizerConfig optimizer;       // optimizer.lr is the base learning rate
   bool cosine_schedule = false;    // lr·½(1 + cos(π·step/total steps)) instead of constant lr
   // Reduce each layer's gradient while backward goes on (true), or the whole gradient at
-  // once after it (false): overlap_by_default() says which suits the ranks' hosts.
+  // once after it (false, for measuring what the overlap saves).
   bool overlap = true;
   // Rows per chunk of the deterministic mode; 0 is the default mode.
   std::size_t deterministic_chunk = 0;
