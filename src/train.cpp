@@ -37,9 +37,8 @@ MinibatchStats reduce_minibatch_gradient(Mlp<T>& mlp, Communicator& comm,
   if (x.rows() > 0) {
     // Progress calls split each dW into parts; alone there is nothing to make progress on.
     // The parts do not depend on `overlap`: Eigen's kernel may round a column differently
-    // in another split, and both settings must give the same bits on 2 ranks (a 2-host run
-    // must match its 1-host reference). Without overlap nothing is pending, so the calls
-    // return at once.
+    // in another split, and both settings must give the same bits on 2 ranks. Without
+    // overlap nothing is pending, so the calls return at once.
     const auto progress = [&](std::size_t) { comm.progress(); };
     const bool split = comm.size() > 1;
     const LossSums sums = mlp.forward_backward(params, x, y, grad.first(n),
