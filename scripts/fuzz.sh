@@ -15,9 +15,10 @@ case $seconds in
 esac
 command -v clang++ > /dev/null || { echo "$0: clang++ not found (scripts/setup-deps.sh installs it)" >&2; exit 1; }
 build=${FUZZ_BUILD_DIR:-$root/build-fuzz}
+mkdir -p "$build"
 CC=clang CXX=clang++ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DSHARDPROP_FUZZ=ON > "$build.configure.log" 2>&1 || { cat "$build.configure.log"; exit 1; }
-cmake --build "$build" -j "$(nproc)" > "$build.build.log" 2>&1 || { cat "$build.build.log"; exit 1; }
+  -DSHARDPROP_FUZZ=ON > "$build/configure.log" 2>&1 || { cat "$build/configure.log"; exit 1; }
+cmake --build "$build" -j "$(nproc)" > "$build/build.log" 2>&1 || { cat "$build/build.log"; exit 1; }
 mkdir -p "$build/findings"
 # The targets write their scratch files under TMPDIR.
 export TMPDIR="$build/tmp"

@@ -17,6 +17,11 @@ void check_mpi(int rc, const char* what) {
   SP_THROW(what, " failed: ", std::string(text, std::size_t(length)));
 }
 
+std::string Communicator::phase() const {
+  if (!phase_what_) return {};
+  return std::string(phase_what_) + " " + std::to_string(phase_step_) + ": ";
+}
+
 namespace {
 int checked_count(std::size_t n, const char* what) {
   SP_CHECK(n <= std::size_t(INT_MAX), what, ": ", n, " elements exceed MPI's int count");
@@ -83,7 +88,7 @@ void MpiComm::complete(std::span<MPI_Request> requests, const char* what) {
     if (done) return;
     if (clock::now() > deadline) {
       throw CollectiveTimeout(
-          detail::concat(what, " did not complete on every rank within ", timeout_s_,
+          detail::concat(phase(), what, " did not complete on every rank within ", timeout_s_,
                          " s (--collective-timeout): a rank is stopped, hung or lost"),
           __FILE__, __LINE__);
     }

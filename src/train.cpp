@@ -159,18 +159,6 @@ double Trainer::learning_rate(std::uint64_t step) const {
   return base * 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
 }
 
-namespace {
-// Runs fn; a collective that times out inside it is reported with the training step.
-template <class Fn>
-auto naming_step(std::uint64_t step, const char* what, Fn&& fn) {
-  try {
-    return fn();
-  } catch (const CollectiveTimeout& timeout) {
-    throw CollectiveTimeout(detail::concat(what, step, ": ", timeout.message()), __FILE__,
-                            __LINE__);
-  }
-}
-}  // namespace
 
 void Trainer::diverged(std::uint64_t step, const MinibatchStats& stats) const {
   // The statistics are reduced, so every rank sees the same values and stops here
@@ -213,7 +201,10 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
            y_[1 - now].data());
   };
   prefetched_ = {};
-  const MinibatchStats stats = naming_step(state_.step + 1, "step ", [&] {
+  // Every collective from here until the next step (the checkpoint of this step included)
+  // names the step if it fails.
+  comm_.set_phase("step", state_.step + 1);
+  const MinibatchStats stats = [&] {
     const ConstMatrixView<float> x(x_[now].data(), rows, Eigen::Index(train_.cols));
     const ConstMatrixView<float> y(y_[now].data(), rows, Eigen::Index(k));
     const LayerDone before_wait = next_batch.empty() ? LayerDone() : LayerDone(prefetch);
@@ -224,7 +215,7 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
     }
     return reduce_minibatch_gradient<float>(mlp_, comm_, params_, x, y, grad_, &times_,
                                             before_wait, config_.overlap);
-  });
+  }();
   if (!next_batch.empty()) {
     prefetched_ = next_batch;
     current_ = 1 - now;
@@ -282,10 +273,11 @@ EvalStats evaluate_dataset(Mlp<float>& mlp, Communicator& comm, std::span<const 
 }
 
 EvalStats Trainer::evaluate(const Dataset& data) {
-  return naming_step(state_.step, "evaluation after step ", [&] {
-    return evaluate_dataset(mlp_, comm_, params_, data, config_.eval_batch,
-                            config_.deterministic_chunk);
-  });
+  comm_.set_phase("evaluation after step", state_.step);
+  const EvalStats stats = evaluate_dataset(mlp_, comm_, params_, data, config_.eval_batch,
+                                           config_.deterministic_chunk);
+  comm_.set_phase("step", state_.step);
+  return stats;
 }
 
 bool Trainer::steps_left() const {

@@ -45,6 +45,21 @@ class Communicator {
   void broadcast_values(std::span<T> values, int root) {
     broadcast(std::as_writable_bytes(values), root);
   }
+
+  // What the ranks are doing, named in the error of a collective that fails or times out:
+  // "step 42: MPI_Allreduce did not complete ...". `what` must outlive its use (a literal);
+  // setting it allocates nothing, so the trainer sets it every step.
+  void set_phase(const char* what, std::uint64_t step) {
+    phase_what_ = what;
+    phase_step_ = step;
+  }
+  void clear_phase() { phase_what_ = nullptr; }
+  // "step 42: ", or "" when no phase is set.
+  std::string phase() const;
+
+ private:
+  const char* phase_what_ = nullptr;
+  std::uint64_t phase_step_ = 0;
 };
 
 // Runs `fn` on every rank. If it throws on any rank, every rank throws CollectiveFailure:
