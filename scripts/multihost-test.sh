@@ -57,12 +57,17 @@ for i in $(seq 1 $hosts); do
   ip -n "$tag-h$i" link set lo up
 done
 # mpirun's rsh agent: `launcher [OPTIONS] HOST COMMAND...` runs COMMAND in HOST's namespace.
+# The hosts share this machine's /tmp and host name, so each daemon gets a temporary
+# directory of its own: in a shared one, two daemons of one job raced to create the same
+# session directory ("mkdir ... File exists", seen once in a loaded run).
 cat > "$work/launcher" <<EOF
 #!/bin/sh
 while [ \$# -gt 0 ]; do case \$1 in -*) shift ;; *) break ;; esac; done
 host=\$1
 shift
-exec ip netns exec "$tag-h\${host##*.}" /bin/sh -c "\$*"
+tmp="$work/tmp-h\${host##*.}"
+mkdir -p "\$tmp"
+exec ip netns exec "$tag-h\${host##*.}" env TMPDIR="\$tmp" /bin/sh -c "\$*"
 EOF
 chmod +x "$work/launcher"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

@@ -22,8 +22,11 @@ for s in "${stages[@]}"; do
 done
 
 "$root/scripts/setup-deps.sh"
+logs=$(mktemp -d)
 for s in "${stages[@]}"; do
-  [ "$s" = fuzz ] || stage_build "$s" > /dev/null
+  [ "$s" = fuzz ] && continue
+  stage_build "$s" > "$logs/build-$s.log" 2>&1 ||
+    { tail -40 "$logs/build-$s.log"; echo "soak: the $s build failed" >&2; exit 1; }
 done
 
 hogs=()
@@ -36,7 +39,6 @@ done
 echo "soak: ${#hogs[@]} CPU hogs running; $runs runs of: ${stages[*]}"
 
 declare -A failures seen
-logs=$(mktemp -d)
 start=$(date +%s)
 for run in $(seq 1 "$runs"); do
   for s in "${stages[@]}"; do
