@@ -1,6 +1,11 @@
-#include "bench.hpp"
-
+// shardprop-bench: the machine's single-core GEMM limit and training throughput against it.
+// Runs under mpirun with 2 ranks (or 1: the 2-rank cases are then skipped); rank 0 prints
+// the table and writes the JSON document (scripts/bench.sh, docs/PERFORMANCE.md).
 #include <mpi.h>
+
+#include <CLI/CLI.hpp>
+
+#include "bench.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -16,301 +21,16 @@
 #include <thread>
 #include <vector>
 
+#include "layers.hpp"
 #include "shardprop/data.hpp"
 #include "shardprop/error.hpp"
-#include "shardprop/layers.hpp"
 #include "shardprop/rng.hpp"
 #include "shardprop/train.hpp"
 
-#ifdef SHARDPROP_HAVE_OPENBLAS
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
-#endif
 
 namespace shardprop::bench {
 
 namespace {
-
-using clock = std::chrono::steady_clock;
-
-double seconds_since(clock::time_point start) {
-  return std::chrono::duration<double>(clock::now() - start).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// GFLOP/s of C = A·B at n×n×n on one core, median of `reps` runs after a warm-up.
-template <class Gemm>
-double gemm_gflops(int n, int reps, const Gemm& gemm) {
-  gemm();
-  std::vector<double> rates;
-  for (int r = 0; r < reps; ++r) {
-    const auto start = clock::now();
-    gemm();
-    rates.push_back(2.0 * n * n * n / seconds_since(start) / 1e9);
-  }
-  return median(rates);
-}
-
-struct Gemm {
-  double eigen = 0, openblas = 0;  // 0: not built with OpenBLAS
-  double limit() const { return std::max(eigen, openblas); }
-  // The better of two measurements of each library.
-  static Gemm best(const Gemm& a, const Gemm& b) {
-    return {std::max(a.eigen, b.eigen), std::max(a.openblas, b.openblas)};
-  }
-};
-
-Gemm measure_gemm() {
-  constexpr int n = 1024, reps = 9;
-  const oneapi::tbb::global_control one(oneapi::tbb::global_control::max_allowed_parallelism, 1);
-  RowMatrix<float> a = RowMatrix<float>::Random(n, n), b = RowMatrix<float>::Random(n, n);
-  RowMatrix<float> c(n, n);
-  Gemm g;
-  g.eigen = gemm_gflops(n, reps, [&] { c.noalias() = a * b; });
-#ifdef SHARDPROP_HAVE_OPENBLAS
-  // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ.
-  const float one_f = 1, zero = 0;
-  g.openblas = gemm_gflops(n, reps, [&] {
-    sgemm_("N", "N", &n, &n, &n, &one_f, b.data(), &n, a.data(), &n, &zero, c.data(), &n);
-  });
-#endif
-  return g;
-}
-
-// Multiply-adds per sample of one training step: forward X·W for every layer, dW = Xᵀ·δ for
-// every layer, and dX = δ·Wᵀ for every layer but the first.
-double flops_per_sample(const ModelSpec& spec) {
-  double macs = 0;
-  for (std::size_t l = 0; l < spec.layers.size(); ++l) {
-    const double inout = double(spec.layers[l].in) * double(spec.layers[l].out);
-    macs += (l == 0 ? 2 : 3) * inout;
-  }
-  return 2 * macs;
-}
-
-// Peak resident memory of this process since the last reset, in MB.
-double peak_rss_mb() {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
-  }
-  return 0;
-}
-void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
-
-// A rank left out of a case waits here without spinning until rank 0 is done.
-void wait_for_rank0(MpiComm& world) {
-  MPI_Request request;
-  check_mpi(MPI_Ibarrier(world.get(), &request), "MPI_Ibarrier");
-  int done = 0;
-  while (true) {
-    check_mpi(MPI_Test(&request, &done, MPI_STATUS_IGNORE), "MPI_Test");
-    if (done) return;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-}
-
-struct Workload {
-  const char* name;
-  const char* layers;
-  std::size_t batch;
-};
-
-// The matrix products of one training step alone, through the training kernels at a case's
-// shard shape and thread count: X·W for every layer, then δ·Wᵀ (all but the first) and Xᵀ·δ,
-// from the last layer down. Activations are the identity, and there is no loss, no gradient
-// check, no communication and no optimizer, so this is what the products of a step cost on
-// their own: the most any step of these shapes could reach on this machine.
-class Products {
- public:
-  Products(const ModelSpec& spec, std::size_t rows, const Dataset& data)
-      : spec_(spec), rows_(rows), x_(data.features.begin(), data.features.begin() + std::ptrdiff_t(rows * data.cols)) {
-    Rng rng(7);
-    const auto fill = [&](AlignedVector<float>& v, std::size_t n, double scale) {
-      v.resize(n);
-      for (float& e : v) e = float(scale * (2 * rng.uniform() - 1));
-    };
-    for (const LayerSpec& l : spec_.layers) {
-      Layer& layer = layers_.emplace_back();
-      fill(layer.w, l.in * l.out, 1 / std::sqrt(double(l.in)));
-      fill(layer.b, l.out, 0.1);
-      fill(layer.a, rows * l.out, 0);
-      fill(layer.delta, rows * l.out, 0.1);  // the last layer's stands for the loss's δ
-      fill(layer.dw, l.in * l.out, 0);
-      fill(layer.db, l.out, 0);
-    }
-  }
-
-  void step() {
-    const auto rows = Eigen::Index(rows_);
-    const std::size_t n = layers_.size();
-    const auto view = [&](AlignedVector<float>& v, std::size_t cols) {
-      return MatrixView<float>(v.data(), rows, Eigen::Index(cols));
-    };
-    const auto input = [&](std::size_t l) {
-      return ConstMatrixView<float>(l == 0 ? x_.data() : layers_[l - 1].a.data(), rows,
-                                    Eigen::Index(spec_.layers[l].in));
-    };
-    for (std::size_t l = 0; l < n; ++l) {
-      const LayerSpec& s = spec_.layers[l];
-      dense_forward<float>(input(l), weights(l), ConstRowVectorView<float>(layers_[l].b.data(), Eigen::Index(s.out)),
-                           Activation::identity, view(layers_[l].a, s.out));
-    }
-    for (std::size_t l = n; l-- > 0;) {
-      const LayerSpec& s = spec_.layers[l];
-      const ConstMatrixView<float> delta(layers_[l].delta.data(), rows, Eigen::Index(s.out));
-      if (l > 0) {
-        dense_backward_input<float>(delta, weights(l), input(l), Activation::identity,
-                                    view(layers_[l - 1].delta, s.in));
-      }
-      dense_backward_params<float>(input(l), delta,
-                                   MatrixView<float>(layers_[l].dw.data(), Eigen::Index(s.in), Eigen::Index(s.out)),
-                                   RowVectorView<float>(layers_[l].db.data(), Eigen::Index(s.out)));
-    }
-  }
-
- private:
-  struct Layer {
-    AlignedVector<float> w, b, a, delta, dw, db;
-  };
-  ConstMatrixView<float> weights(std::size_t l) const {
-    return ConstMatrixView<float>(layers_[l].w.data(), Eigen::Index(spec_.layers[l].in),
-                                  Eigen::Index(spec_.layers[l].out));
-  }
-  ModelSpec spec_;
-  std::size_t rows_;
-  AlignedVector<float> x_;
-  std::vector<Layer> layers_;
-};
-
-struct Result {
-  std::string workload, mode, layers;
-  std::size_t batch = 0;
-  int ranks = 0, threads = 0;
-  std::vector<double> window_rates;
-  double samples_per_s = 0, gflops = 0, efficiency = 0;
-  double step_ms = 0, compute_ms = 0, allreduce_ms = 0, rest_ms = 0, peak_rss_mb = 0;
-};
-
-// Everything but the efficiency, which needs the limit measured after all cases. One result
-// per mode: the default mode, with --deterministic the deterministic one, and the step's
-// products alone. Their timed windows alternate, so a drift in the machine's speed touches
-// all alike.
-std::vector<Result> run_case(Communicator& comm, const Workload& w, const Dataset& data,
-                             int threads, const Args& args) {
-  const oneapi::tbb::global_control parallelism(
-      oneapi::tbb::global_control::max_allowed_parallelism, std::size_t(threads));
-  const ModelSpec spec = parse_model(w.layers, "xent");
-  std::vector<std::uint32_t> order;
-  epoch_permutation(data.rows, 1, 0, order);
-  const std::size_t batches = data.rows / w.batch;
-  const auto batch = [&](std::size_t k) {
-    return std::span<const std::uint32_t>(order).subspan((k % batches) * w.batch, w.batch);
-  };
-  struct Mode {
-    std::string name;
-    std::unique_ptr<Trainer> trainer;    // a training mode
-    std::unique_ptr<Products> products;  // or the products alone
-    std::size_t next = 0;
-    std::int64_t per_window = 0;
-    void step(const decltype(batch)& batch) {
-      if (products) {
-        products->step();
-      } else {  // as in training: the next batch is gathered during this step
-        trainer->step(batch(next), batch(next + 1));
-        ++next;
-      }
-    }
-  };
-  std::vector<Mode> modes(args.deterministic_chunk > 0 ? 3 : 2);
-  modes.front().name = "default";
-  if (args.deterministic_chunk > 0) modes[1].name = "deterministic";
-  modes.back().name = "products";
-  // The default mode's peak memory is read once it has run its warm-up and calibration steps
-  // (a steady-state step allocates nothing), before the other modes exist.
-  reset_peak_rss();
-  double default_peak = 0;
-  for (Mode& mode : modes) {
-    if (mode.name == "products") {
-      const std::size_t rows = chunked_shard(w.batch, 0, comm.rank(), comm.size()).size();
-      mode.products = std::make_unique<Products>(spec, rows, data);
-    } else {
-      TrainConfig config;
-      config.batch = w.batch;
-      config.epochs = 1u << 20;
-      config.optimizer.lr = 0.01;
-      config.deterministic_chunk = mode.name == "deterministic" ? args.deterministic_chunk : 0;
-      mode.trainer = std::make_unique<Trainer>(spec, config, comm, data);
-    }
-    for (int i = 0; i < args.warmup; ++i) mode.step(batch);
-    // Steps per window from a short calibration, agreed on by all ranks (rank 0's).
-    const auto start = clock::now();
-    for (int i = 0; i < 5; ++i) mode.step(batch);
-    mode.per_window = std::max<std::int64_t>(3, std::int64_t(args.window_s / (seconds_since(start) / 5)));
-    comm.broadcast_values(std::span<std::int64_t>(&mode.per_window, 1), 0);
-    if (mode.name == "default") default_peak = peak_rss_mb();
-  }
-
-  std::vector<Result> results(modes.size());
-  std::vector<std::vector<double>> seconds(modes.size());
-  for (std::size_t m = 0; m < modes.size(); ++m) {
-    if (modes[m].trainer) modes[m].trainer->reset_step_times();
-    Result& r = results[m];
-    r.workload = w.name;
-    r.mode = modes[m].name;
-    r.layers = spec.layers_string();
-    r.batch = w.batch;
-    r.ranks = comm.size();
-    r.threads = threads;
-  }
-  for (int window = 0; window < args.windows; ++window) {
-    for (std::size_t m = 0; m < modes.size(); ++m) {
-      // The ranks start each window together: the products alone never communicate, so
-      // one rank may end its window well after the other, and the next window would
-      // otherwise open by waiting for it.
-      comm.allreduce_max(std::int64_t{0});
-      const auto start = clock::now();
-      for (std::int64_t i = 0; i < modes[m].per_window; ++i) modes[m].step(batch);
-      seconds[m].push_back(seconds_since(start));
-    }
-  }
-  // A window ends when its slowest rank is done. The split of a step is averaged over the
-  // ranks; the memory is the largest rank's.
-  const double peaks[2] = {default_peak, peak_rss_mb()};
-  std::int64_t peak_kb[2] = {};
-  for (int i = 0; i < 2; ++i) peak_kb[i] = comm.allreduce_max(std::int64_t(peaks[i] * 1024));
-  for (std::size_t m = 0; m < modes.size(); ++m) {
-    Result& r = results[m];
-    comm.allreduce_max(std::span<double>(seconds[m]));
-    for (double t : seconds[m]) {
-      r.window_rates.push_back(double(modes[m].per_window) * double(w.batch) / t);
-    }
-    r.samples_per_s = median(r.window_rates);
-    r.gflops = r.samples_per_s * flops_per_sample(spec) / 1e9;
-    r.peak_rss_mb = double(peak_kb[r.mode == "default" ? 0 : 1]) / 1024;
-    if (!modes[m].trainer) {  // all compute
-      r.step_ms = r.compute_ms = 1e3 * double(w.batch) / r.samples_per_s;
-      continue;
-    }
-    const StepTimes& t = modes[m].trainer->step_times();
-    double split[3] = {t.compute, t.allreduce, t.total};
-    comm.allreduce_sum(std::span<double>(split));
-    const double per_step_ms = 1e3 / double(t.steps) / comm.size();
-    r.compute_ms = split[0] * per_step_ms;
-    r.allreduce_ms = split[1] * per_step_ms;
-    r.step_ms = split[2] * per_step_ms;
-    r.rest_ms = r.step_ms - r.compute_ms - r.allreduce_ms;
-  }
-  return results;
-}
 
 Dataset load_or_make(const std::string& path, bool& real) {
   std::error_code ec;
@@ -354,7 +74,7 @@ std::string to_json(const Gemm& start, const Gemm& end, const Gemm& both_start,
   std::ostringstream j;
   j << "{\n  \"machine\": {\"cpu\": \"" << cpu_model() << "\", \"cores\": " << cores << "},\n";
   j << "  \"data\": \"" << data << "\",\n";
-  j << "  \"training_gemm\": \"" << (SHARDPROP_TRAINING_GEMM) << "\",\n";
+  j << "  \"training_gemm\": \"" << gemm_backend() << "\",\n";
   j << "  \"gemm_1024_gflops_per_core\": {\"eigen\": " << json_number(g.eigen)
     << ", \"openblas\": " << (g.openblas > 0 ? json_number(g.openblas) : "null")
     << ", \"limit\": " << json_number(g.limit()) << ", \"at_start\": " << gemm_json(start)
@@ -425,7 +145,6 @@ int run(const Args& args, MpiComm& world) {
       if (root) {
         MpiComm self(MPI_COMM_SELF);
         for (Result& r : run_case(self, w, data, threads, args)) results.push_back(std::move(r));
-        self.free();
       }
       wait_for_rank0(world);
     }
@@ -447,7 +166,7 @@ int run(const Args& args, MpiComm& world) {
   print_gemm("on one core", "at the start", at_start);
   print_gemm("on one core", "at the end", at_end);
   std::printf("limit: %.1f GFLOP/s per core, the best of these (training uses %s)\n",
-              gemm.limit(), SHARDPROP_TRAINING_GEMM);
+              gemm.limit(), gemm_backend());
   const Gemm both = Gemm::best(both_at_start, both_at_end);
   if (world.size() == 2) {
     print_gemm("on both cores at once, per core", "at the start", both_at_start);
@@ -519,3 +238,58 @@ int run(const Args& args, MpiComm& world) {
 }
 
 }  // namespace shardprop::bench
+
+int main(int argc, char** argv) {
+  namespace sp = shardprop;
+  setenv("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "3", 0);  // as shardprop does
+  int provided = 0;
+  if (MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+    std::fprintf(stderr, "shardprop-bench: error: MPI_Init_thread failed\n");
+    return sp::kExitFailure;
+  }
+  int rank = 0, size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  if (size > 1) sp::set_error_rank(rank);
+  CLI::App app{"shardprop-bench: the single-core GEMM limit and training throughput against it "
+               "(run on 2 ranks: scripts/bench.sh)"};
+  sp::bench::Args args;
+  bool deterministic = false;
+  std::size_t chunk = 64;
+  app.add_option("--data", args.data_path, "Training set; synthetic data of its shape if absent");
+  app.add_option("--json", args.json_path, "Write the results as one JSON document");
+  app.add_option("--windows", args.windows, "Timed windows per case (median reported)")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--window-seconds", args.window_s, "Length of a window")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--warmup", args.warmup, "Untimed steps before timing")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_flag("--deterministic", deterministic,
+               "Also time every case in the deterministic mode, alternating with the default");
+  app.add_option("--chunk", chunk, "Rows per chunk of the deterministic mode")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (rank == 0) {
+      if (e.get_exit_code() == 0) {
+        app.exit(e);
+      } else {
+        std::fprintf(stderr, "shardprop-bench: error: %s (see --help)\n", e.what());
+      }
+    }
+    MPI_Finalize();
+    return e.get_exit_code() == 0 ? sp::kExitSuccess : sp::kExitUsage;
+  }
+  args.deterministic_chunk = deterministic ? chunk : 0;
+  int status = 0;
+  try {
+    sp::MpiComm world(MPI_COMM_WORLD);
+    status = sp::bench::run(args, world);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "shardprop-bench: error: %s\n", e.what());
+    MPI_Abort(MPI_COMM_WORLD, sp::kExitFailure);
+  }
+  MPI_Finalize();
+  return status;
+}

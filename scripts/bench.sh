@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds shardprop in Release and runs `shardprop bench` on 2 ranks: the single-core GEMM
+# Builds shardprop in Release and runs `shardprop-bench` on 2 ranks: the single-core GEMM
 # limit (Eigen and OpenBLAS), then the small and wide workloads at 1x1, 1x2 and 2x1.
-# Writes build/bench.json. Extra arguments go to `shardprop bench`.
+# Writes build/bench.json. Extra arguments go to `shardprop-bench`.
 # Environment: BUILD_DIR (build), DATA (build/fashion-mnist/train.h5).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,5 +16,5 @@ if [ ! -s "$data" ] && [ -z "${DATA:-}" ]; then
     --labels "$src/train-labels-idx1-ubyte.gz" --out "$data.tmp" && mv "$data.tmp" "$data"
 fi
 # Unbound: in the 1 x 2 cases rank 0 runs two threads while rank 1 sleeps.
-MPIRUN_BIND=none "$root/scripts/mpirun.sh" 2 "$build/apps/shardprop" bench --data "$data" \
+MPIRUN_BIND=none "$root/scripts/mpirun.sh" 2 "$build/apps/shardprop-bench" --data "$data" \
   --json "$build/bench.json" "$@"

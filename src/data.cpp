@@ -11,7 +11,8 @@
 #include <numeric>
 
 #include "shardprop/error.hpp"
-#include "shardprop/h5.hpp"
+#include "fileio.hpp"
+#include "h5.hpp"
 #include "shardprop/rng.hpp"
 
 namespace shardprop {
@@ -91,7 +92,7 @@ void write_dataset(const std::string& path, const Dataset& data) {
   if (data.has_labels()) {
     h5::write_dataset(file.get(), "labels", H5T_STD_I32LE, H5T_NATIVE_INT32, {data.rows},
                       data.labels.data());
-  } else {
+  } else if (data.target_cols > 0) {
     h5::write_dataset(file.get(), "targets", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
                       {data.rows, data.target_cols}, data.targets.data());
   }
@@ -129,6 +130,49 @@ void write_predictions(const std::string& path, std::span<const std::int32_t> pr
   }
   out.close();
   SP_CHECK(out, "--out ", path, ": writing failed");
+}
+
+bool is_predictions_file(const std::string& path) {
+  if (path.ends_with(".csv")) {
+    std::ifstream in(path);
+    std::string header;
+    return std::getline(in, header) && header.rfind("prediction", 0) == 0;
+  }
+  h5::Handle file = h5::open_file(path);
+  return h5::has_link(file.get(), "predictions");
+}
+
+void check_predictions_path(const std::string& flag, const std::string& path) {
+  SP_CHECK_USAGE(path.ends_with(".h5") || path.ends_with(".hdf5") || path.ends_with(".csv"), flag,
+                 " ", path, ": name a .h5 or .csv file");
+  fileio::check_replaceable(flag, path, [&] { return is_predictions_file(path); });
+}
+
+Predictions read_predictions(const std::string& path) {
+  Predictions p;
+  if (path.ends_with(".csv")) {
+    SP_CHECK(is_predictions_file(path), path, ": not a predictions file (its header does not "
+             "start with 'prediction')");
+    const Dataset table = read_csv(path, 0);
+    p.k = table.cols;
+    p.classes = table.labels;
+    p.outputs = table.features;
+    return p;
+  }
+  h5::Handle file = h5::open_file(path);
+  h5::Handle classes = h5::open_dataset(file.get(), "predictions", path);
+  h5::Handle outputs = h5::open_dataset(file.get(), "outputs", path);
+  const auto ci = h5::dataset_info(classes.get(), path + ": dataset 'predictions'");
+  const auto oi = h5::dataset_info(outputs.get(), path + ": dataset 'outputs'");
+  SP_CHECK(ci.type_class == H5T_INTEGER && ci.dims.size() == 1 && oi.type_class == H5T_FLOAT &&
+               oi.dims.size() == 2 && oi.dims[0] == ci.dims[0],
+           path, ": 'predictions' (N) and 'outputs' (N x K) do not fit together");
+  p.k = oi.dims[1];
+  p.classes.resize(ci.dims[0]);
+  p.outputs.resize(ci.dims[0] * p.k);
+  h5::read_all(classes.get(), H5T_NATIVE_INT32, p.classes.data(), path + ": reading 'predictions'");
+  h5::read_all(outputs.get(), H5T_NATIVE_FLOAT, p.outputs.data(), path + ": reading 'outputs'");
+  return p;
 }
 
 namespace {
@@ -205,7 +249,7 @@ bool parse_number(std::string_view field, float& value) {
 
 }  // namespace
 
-Dataset read_csv(const std::string& path, std::size_t label_column) {
+Dataset read_csv(const std::string& path, std::optional<std::size_t> label_column) {
   std::ifstream in(path);
   SP_CHECK(in, path, ": cannot open");
   Dataset data;
@@ -231,20 +275,24 @@ Dataset read_csv(const std::string& path, std::size_t label_column) {
                "'");
       continue;  // header
     }
+    const std::size_t labelled = label_column ? 1 : 0;
     if (data.rows == 0) {
-      SP_CHECK(label_column < row.size(), "--label-column ", label_column, " is out of range: ",
-               path, " has ", row.size(), " columns");
-      SP_CHECK(row.size() >= 2, path, ": needs a label column and at least one feature");
-      data.cols = row.size() - 1;
+      SP_CHECK_USAGE(!label_column || *label_column < row.size(), "--label-column ",
+                     *label_column, " is out of range: ", path, " has ", row.size(), " columns");
+      SP_CHECK(row.size() >= 1 + labelled, path, ": needs ",
+               label_column ? "a label column and " : "", "at least one feature");
+      data.cols = row.size() - labelled;
     }
-    SP_CHECK(row.size() == data.cols + 1, path, ":", line_no, ": ", row.size(),
-             " columns, expected ", data.cols + 1);
-    const float label = row[label_column];
-    SP_CHECK(label >= 0 && label == std::floor(label) && label < 2147483648.0f, path, ":",
-             line_no, ": label ", label, " is not a non-negative integer");
-    data.labels.push_back(std::int32_t(label));
+    SP_CHECK(row.size() == data.cols + labelled, path, ":", line_no, ": ", row.size(),
+             " columns, expected ", data.cols + labelled);
+    if (label_column) {
+      const float label = row[*label_column];
+      SP_CHECK(label >= 0 && label == std::floor(label) && label < 2147483648.0f, path, ":",
+               line_no, ": label ", label, " is not a non-negative integer");
+      data.labels.push_back(std::int32_t(label));
+    }
     for (std::size_t c = 0; c < row.size(); ++c) {
-      if (c != label_column) data.features.push_back(row[c]);
+      if (!label_column || c != *label_column) data.features.push_back(row[c]);
     }
     ++data.rows;
   }
@@ -302,9 +350,11 @@ Rng epoch_rng(std::uint64_t seed, std::uint64_t epoch) {
   return Rng(mix64(seed) ^ mix64(epoch + 0x5eed));
 }
 
-Range shard_range(std::size_t rows, int rank, int size) {
+Range shard_range(std::size_t rows, int rank, int size, std::size_t chunk) {
   const auto r = std::size_t(rank), p = std::size_t(size);
-  return {rows * r / p, rows * (r + 1) / p};
+  if (chunk == 0) return {rows * r / p, rows * (r + 1) / p};
+  const Range chunks = shard_range((rows + chunk - 1) / chunk, rank, size);
+  return {std::min(rows, chunks.begin * chunk), std::min(rows, chunks.end * chunk)};
 }
 
 }  // namespace shardprop

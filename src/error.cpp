@@ -4,10 +4,12 @@
 
 namespace shardprop {
 
-int& error_rank() {
-  static int rank = -1;
-  return rank;
-}
+namespace {
+int process_rank = -1;
+}  // namespace
+
+void set_error_rank(int rank) { process_rank = rank; }
+int error_rank() { return process_rank; }
 
 namespace {
 std::string located(const std::string& message, const char* file, int line) {

@@ -1,13 +1,11 @@
-#include "shardprop/h5.hpp"
+#include "h5.hpp"
 
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
-#include <vector>
+#include <type_traits>
 
+#include "fileio.hpp"
 #include "shardprop/error.hpp"
 
 namespace shardprop::h5 {
@@ -53,6 +51,24 @@ Handle open_file(const std::string& path) {
   return Handle(file, H5Fclose, "opening " + path);
 }
 
+Handle open_image(std::span<const std::byte> image, const std::string& name) {
+  quiet_errors();
+  // HDF5's signature, at offset 0 for the files shardprop writes.
+  static constexpr unsigned char kSignature[8] = {0x89, 'H', 'D', 'F', '\r', '\n', 0x1a, '\n'};
+  SP_CHECK(image.size() >= 8 && std::equal(kSignature, kSignature + 8,
+                                           reinterpret_cast<const unsigned char*>(image.data())),
+           name, ": not an HDF5 file (or not readable)");
+  Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose, "creating file access properties");
+  check(H5Pset_fapl_core(fapl.get(), 1 << 20, /*backing_store=*/false),
+        "selecting the in-memory driver for " + name);
+  check(H5Pset_file_image(fapl.get(), const_cast<std::byte*>(image.data()), image.size()),
+        "handing the bytes of " + name + " to HDF5");
+  // The core driver refuses a name that exists on disk, so the image gets one that cannot.
+  const hid_t file = H5Fopen("/nonexistent/shardprop-memory-image", H5F_ACC_RDONLY, fapl.get());
+  SP_CHECK(file >= 0, name, ": HDF5 file cannot be opened (truncated or damaged)");
+  return Handle(file, H5Fclose, "opening " + name);
+}
+
 Handle create_file(const std::string& path) {
   quiet_errors();
   Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose, "creating file access properties");
@@ -62,34 +78,18 @@ Handle create_file(const std::string& path) {
                 "creating " + path);
 }
 
-void store(Handle& file, const std::string& path) {
+std::vector<std::byte> image(Handle& file, const std::string& path) {
   check(H5Fflush(file.get(), H5F_SCOPE_GLOBAL), "flushing " + path);
   const ssize_t size = H5Fget_file_image(file.get(), nullptr, 0);
   SP_CHECK(size > 0, path, ": HDF5 could not size the file image");
-  std::vector<std::byte> image(static_cast<std::size_t>(size));
-  SP_CHECK(H5Fget_file_image(file.get(), image.data(), image.size()) == size, path,
+  std::vector<std::byte> bytes(static_cast<std::size_t>(size));
+  SP_CHECK(H5Fget_file_image(file.get(), bytes.data(), bytes.size()) == size, path,
            ": HDF5 could not copy the file image");
   file.close("closing " + path);
-  write_bytes(path, image);
+  return bytes;
 }
 
-void write_bytes(const std::string& path, std::span<const std::byte> bytes) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  SP_CHECK(fd >= 0, path, ": cannot create: ", std::strerror(errno));
-  std::size_t done = 0;
-  int err = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      err = n < 0 ? errno : EIO;
-      break;
-    }
-    done += std::size_t(n);
-  }
-  if (::close(fd) != 0 && err == 0) err = errno;  // NFS may report write errors here
-  SP_CHECK(err == 0, path, ": write failed: ", std::strerror(err));
-}
+void store(Handle& file, const std::string& path) { fileio::write_bytes(path, image(file, path)); }
 
 bool has_link(hid_t where, const std::string& name) {
   const htri_t exists = H5Lexists(where, name.c_str(), H5P_DEFAULT);
@@ -97,10 +97,29 @@ bool has_link(hid_t where, const std::string& name) {
   return exists > 0;
 }
 
+bool has_path(hid_t file, const std::string& name) {
+  for (std::size_t slash = name.find('/'); slash != std::string::npos;
+       slash = name.find('/', slash + 1)) {
+    if (!has_link(file, name.substr(0, slash))) return false;
+  }
+  return has_link(file, name);
+}
+
 Handle open_dataset(hid_t file, const std::string& name, const std::string& file_name) {
-  SP_CHECK(has_link(file, name), file_name, ": no dataset '", name, "'");
+  SP_CHECK(has_path(file, name), file_name, ": no dataset '", name, "'");
   return Handle(H5Dopen2(file, name.c_str(), H5P_DEFAULT), H5Dclose,
                 file_name + ": opening dataset '" + name + "'");
+}
+
+Handle create_group(hid_t where, const std::string& name) {
+  return Handle(H5Gcreate2(where, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                H5Gclose, "creating group " + name);
+}
+
+Handle open_group(hid_t file, const std::string& name, const std::string& path) {
+  SP_CHECK(has_link(file, name), path, ": missing group '/", name, "'");
+  return Handle(H5Gopen2(file, name.c_str(), H5P_DEFAULT), H5Gclose,
+                path + ": opening group '/" + name + "'");
 }
 
 DatasetInfo dataset_info(hid_t dataset, const std::string& what) {
@@ -132,5 +151,88 @@ void write_dataset(hid_t where, const std::string& name, hid_t file_type, hid_t 
         "writing dataset '" + name + "'");
   dataset.close("closing dataset '" + name + "'");
 }
+
+namespace {
+void write_scalar(hid_t where, const char* name, hid_t file_type, hid_t mem_type,
+                  const void* value) {
+  Handle space(H5Screate(H5S_SCALAR), H5Sclose, "creating a scalar dataspace");
+  Handle attr(H5Acreate2(where, name, file_type, space.get(), H5P_DEFAULT, H5P_DEFAULT),
+              H5Aclose, std::string("creating attribute ") + name);
+  check(H5Awrite(attr.get(), mem_type, value), std::string("writing attribute ") + name);
+  attr.close(std::string("closing attribute ") + name);
+}
+}  // namespace
+
+void write_attr(hid_t where, const char* name, const std::string& value) {
+  Handle type(H5Tcopy(H5T_C_S1), H5Tclose, "creating a string type");
+  check(H5Tset_size(type.get(), value.size() + 1), "sizing a string type");
+  write_scalar(where, name, type.get(), type.get(), value.c_str());
+}
+void write_attr(hid_t where, const char* name, std::int64_t value) {
+  write_scalar(where, name, H5T_STD_I64LE, H5T_NATIVE_INT64, &value);
+}
+void write_attr(hid_t where, const char* name, std::uint64_t value) {
+  write_scalar(where, name, H5T_STD_U64LE, H5T_NATIVE_UINT64, &value);
+}
+void write_attr(hid_t where, const char* name, double value) {
+  write_scalar(where, name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &value);
+}
+
+std::string AttrReader::where(const char* name) const {
+  return file_ + ": attribute '" + object_ + name + "'";
+}
+
+bool AttrReader::has(const char* name) const {
+  const htri_t exists = H5Aexists(where_, name);
+  check(exists, where(name) + ": looking it up");
+  return exists > 0;
+}
+
+Handle AttrReader::open(const char* name) const {
+  SP_CHECK(has(name), file_, ": missing attribute '", object_, name, "'");
+  return Handle(H5Aopen(where_, name, H5P_DEFAULT), H5Aclose, where(name) + ": opening");
+}
+
+std::string AttrReader::text(const char* name) const {
+  Handle attr = open(name);
+  Handle type(H5Aget_type(attr.get()), H5Tclose, where(name) + ": reading its type");
+  SP_CHECK(H5Tget_class(type.get()) == H5T_STRING && H5Tis_variable_str(type.get()) == 0,
+           where(name), " must be a fixed-length string");
+  const std::size_t size = H5Tget_size(type.get());
+  SP_CHECK(size > 0 && size < (1u << 20), where(name), " has a bad size");
+  std::string value(size, '\0');
+  check(H5Aread(attr.get(), type.get(), value.data()), where(name) + ": reading");
+  value.resize(std::min(value.find('\0'), size));
+  return value;
+}
+
+template <class T>
+T AttrReader::number(const char* name, hid_t mem_type) const {
+  Handle attr = open(name);
+  Handle type(H5Aget_type(attr.get()), H5Tclose, where(name) + ": reading its type");
+  const H5T_class_t cls = H5Tget_class(type.get());
+  SP_CHECK(cls == H5T_INTEGER || cls == H5T_FLOAT, where(name), " must be a number");
+  Handle space(H5Aget_space(attr.get()), H5Sclose, where(name) + ": reading its shape");
+  SP_CHECK(H5Sget_simple_extent_npoints(space.get()) == 1, where(name), " must be a scalar");
+  if (std::is_same_v<T, std::uint64_t>) {
+    // Negative or fractional values would be converted without notice: read them as such.
+    if (cls == H5T_FLOAT || H5Tget_sign(type.get()) == H5T_SGN_2) {
+      const double v = number<double>(name, H5T_NATIVE_DOUBLE);
+      SP_CHECK(v >= 0 && v == std::floor(v) && v < 0x1p63, where(name),
+               " is not a whole number >= 0 (", v, ")");
+    }
+  }
+  T value{};
+  check(H5Aread(attr.get(), mem_type, &value), where(name) + ": reading");
+  return value;
+}
+
+std::int64_t AttrReader::int64(const char* name) const {
+  return number<std::int64_t>(name, H5T_NATIVE_INT64);
+}
+std::uint64_t AttrReader::count(const char* name) const {
+  return number<std::uint64_t>(name, H5T_NATIVE_UINT64);
+}
+double AttrReader::real(const char* name) const { return number<double>(name, H5T_NATIVE_DOUBLE); }
 
 }  // namespace shardprop::h5

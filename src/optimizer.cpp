@@ -1,5 +1,6 @@
 #include "shardprop/optimizer.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/parallel_for.h>
@@ -11,17 +12,36 @@ namespace shardprop {
 OptimizerKind parse_optimizer(std::string_view name) {
   if (name == "sgd") return OptimizerKind::sgd;
   if (name == "adam") return OptimizerKind::adam;
-  SP_THROW("--optimizer: unknown optimizer '", name, "' (expected sgd or adam)");
+  SP_USAGE("--optimizer: unknown optimizer '", name, "' (expected sgd or adam)");
 }
 
 std::string_view to_string(OptimizerKind kind) {
   return kind == OptimizerKind::sgd ? "sgd" : "adam";
 }
 
+OptimizerConfig optimizer_config(const Settings& s) {
+  OptimizerConfig c;
+  c.kind = parse_optimizer(s.optimizer);
+  c.lr = s.lr;
+  c.momentum = s.momentum;
+  c.weight_decay = s.weight_decay;
+  c.beta1 = s.beta1;
+  c.beta2 = s.beta2;
+  c.eps = s.eps;
+  return c;
+}
+
 Optimizer::Optimizer(const OptimizerConfig& config, std::size_t size)
     : config_(config),
       size_(size),
       state_((config.kind == OptimizerKind::adam ? 2 : 1) * size, 0.0f) {}
+
+void Optimizer::restore(std::span<const float> state, std::uint64_t steps) {
+  SP_CHECK(state.size() == state_.size(), "optimizer state of ", state.size(),
+           " values, expected ", state_.size());
+  std::copy(state.begin(), state.end(), state_.begin());
+  steps_ = steps;
+}
 
 void Optimizer::step(std::span<float> params, std::span<const float> grad) {
   SP_CHECK(params.size() == size_ && grad.size() >= size_, "optimizer sized for ", size_,

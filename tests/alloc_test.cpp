@@ -59,11 +59,13 @@ void expect_no_allocation(const char* layers, std::size_t batch, int threads,
   const oneapi::tbb::global_control limit(oneapi::tbb::global_control::max_allowed_parallelism,
                                           std::size_t(threads));
   const Dataset data = testing::noisy_classes(600, 64, 10, 1.0);
-  TrainConfig config;
+  Settings config;
+  config.layers = layers;
   config.batch = batch;
-  config.deterministic_chunk = deterministic_chunk;
-  LocalGroup one(1);
-  Trainer trainer(parse_model(layers, "xent"), config, one.member(0), data);
+  config.deterministic = deterministic_chunk > 0;
+  if (config.deterministic) config.chunk = deterministic_chunk;
+  testing::LocalGroup one(1);
+  Trainer trainer(config, one.member(0), data);
   std::vector<std::uint32_t> order;
   epoch_permutation(data.rows, 1, 0, order);
   const auto rows = [&](std::size_t k) {

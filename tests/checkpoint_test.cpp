@@ -21,7 +21,8 @@
 #include <thread>
 
 #include "shardprop/error.hpp"
-#include "shardprop/h5.hpp"
+#include "h5.hpp"
+#include "shardprop/train.hpp"
 #include "test_util.hpp"
 
 extern char** environ;
@@ -38,47 +39,35 @@ const Dataset& data() {
   return d;
 }
 
-TrainConfig config_for(OptimizerKind kind) {
-  TrainConfig config;
-  config.batch = 10;
-  config.epochs = 3;  // 33 steps
-  config.seed = 5;
-  config.cosine_schedule = true;
-  config.optimizer.kind = kind;
-  config.optimizer.lr = kind == OptimizerKind::adam ? 0.01 : 0.1;
-  config.optimizer.weight_decay = 1e-4;
-  return config;
-}
-
 const ModelSpec& spec() {
   static const ModelSpec s = parse_model("6,16:relu,8:tanh,3:softmax", "xent");
   return s;
 }
 
+Settings config_for(OptimizerKind kind) {
+  Settings config;
+  config.layers = spec().layers_string();
+  config.batch = 10;
+  config.epochs = 3;  // 33 steps
+  config.seed = 5;
+  config.lr_schedule = "cosine";
+  config.optimizer = std::string(to_string(kind));
+  config.lr = kind == OptimizerKind::adam ? 0.01 : 0.1;
+  config.weight_decay = 1e-4;
+  return config;
+}
+
 // Trains on `ranks` in-process ranks (from `from` if given) until the config says stop and
 // returns the checkpoint of rank 0, after checking that every rank holds the same bits.
-Checkpoint train_on(int ranks, const TrainConfig& config, const Checkpoint* from = nullptr) {
-  LocalGroup group(ranks);
+Checkpoint train_on(int ranks, const Settings& config, const Checkpoint* from = nullptr) {
   std::vector<Checkpoint> out(std::size_t(ranks), Checkpoint{});
-  std::vector<std::exception_ptr> errors{std::size_t(ranks)};
-  std::vector<std::thread> threads;
-  for (int r = 0; r < ranks; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        Trainer trainer(spec(), config, group.member(r), data());
-        if (from) restore_checkpoint(trainer, *from);
-        TrainObserver quiet;
-        trainer.run(nullptr, quiet);
-        out[std::size_t(r)] = make_checkpoint(trainer, ranks, 1);
-      } catch (...) {
-        errors[std::size_t(r)] = std::current_exception();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
+  testing::run_ranks(ranks, [&](Communicator& comm) {
+    Trainer trainer(config, comm, data());
+    if (from) trainer.restore(*from);
+    TrainObserver quiet;
+    trainer.run(nullptr, quiet);
+    out[std::size_t(comm.rank())] = trainer.checkpoint();
+  });
   for (int r = 1; r < ranks; ++r) {
     EXPECT_EQ(out[std::size_t(r)].checksum, out[0].checksum) << "rank " << r << " differs";
   }
@@ -93,7 +82,7 @@ class CheckpointTest : public testing::TempDirTest {
  protected:
   // A checkpoint of a short Adam run stopped mid-epoch.
   Checkpoint trained() const {
-    TrainConfig config = config_for(OptimizerKind::adam);
+    Settings config = config_for(OptimizerKind::adam);
     config.stop_at_step = 7;
     return train_on(1, config);
   }
@@ -116,14 +105,20 @@ TEST_F(CheckpointTest, RoundTripIsBitwise) {
   EXPECT_EQ(r.state.epoch, 0u);
   EXPECT_EQ(r.state.batch_in_epoch, 7u);
   EXPECT_EQ(r.optimizer_steps, 7u);
-  EXPECT_EQ(r.config.batch, 10u);
-  EXPECT_EQ(r.config.epochs, 3u);
-  EXPECT_EQ(r.config.seed, 5u);
-  EXPECT_EQ(r.config.max_steps, -1);
-  EXPECT_TRUE(r.config.cosine_schedule);
-  EXPECT_EQ(r.config.optimizer.kind, OptimizerKind::adam);
-  EXPECT_EQ(r.config.optimizer.lr, 0.01);
-  EXPECT_EQ(r.config.optimizer.weight_decay, 1e-4);
+  EXPECT_EQ(r.settings.batch, 10u);
+  EXPECT_EQ(r.settings.epochs, 3u);
+  EXPECT_EQ(r.settings.seed, 5u);
+  EXPECT_EQ(r.settings.max_steps, -1);
+  EXPECT_EQ(r.settings.lr_schedule, "cosine");
+  EXPECT_EQ(r.settings.optimizer, "adam");
+  EXPECT_EQ(r.settings.lr, 0.01);
+  EXPECT_EQ(r.settings.weight_decay, 1e-4);
+  // Every stored setting of the table comes back as it was written.
+  for (const SettingSpec& setting : settings_table()) {
+    if (setting.attribute) {
+      EXPECT_TRUE(same_setting(setting, r.settings, c.settings)) << setting.flag;
+    }
+  }
   EXPECT_EQ(r.train_rows, 101u);
   EXPECT_EQ(r.train_cols, 6u);
   EXPECT_EQ(r.world_size, 1);
@@ -134,11 +129,11 @@ TEST_F(CheckpointTest, RoundTripIsBitwise) {
 TEST_F(CheckpointTest, ResumeContinuesBitwiseOnTheSameRanks) {
   for (OptimizerKind kind : {OptimizerKind::sgd, OptimizerKind::adam}) {
     for (int ranks : {1, 2}) {
-      const TrainConfig config = config_for(kind);
+      const Settings config = config_for(kind);
       const Checkpoint straight = train_on(ranks, config);
       ASSERT_EQ(straight.state.step, 33u);
       for (std::int64_t k : {1, 11, 16}) {  // start, an epoch boundary, mid-epoch
-        TrainConfig first = config;
+        Settings first = config;
         first.stop_at_step = k;
         save_checkpoint(path("k.h5"), train_on(ranks, first));
         const Checkpoint at_k = load_checkpoint(path("k.h5"));
@@ -159,9 +154,9 @@ TEST_F(CheckpointTest, ResumeContinuesBitwiseOnTheSameRanks) {
 // 1e-5 leaves room for other compilers and still fails on any skipped or repeated batch.
 TEST_F(CheckpointTest, ResumeOnAnotherRankCountMatchesToRounding) {
   for (OptimizerKind kind : {OptimizerKind::sgd, OptimizerKind::adam}) {
-    const TrainConfig config = config_for(kind);
+    const Settings config = config_for(kind);
     const Checkpoint straight = train_on(2, config);
-    TrainConfig first = config;
+    Settings first = config;
     first.stop_at_step = 16;
     save_checkpoint(path("k.h5"), train_on(2, first));
     const Checkpoint at_k = load_checkpoint(path("k.h5"));
@@ -182,12 +177,13 @@ TEST_F(CheckpointTest, ResumeOnAnotherRankCountMatchesToRounding) {
 
 TEST_F(CheckpointTest, RestoreRefusesAnotherModelOrOptimizer) {
   const Checkpoint c = trained();
-  LocalGroup one(1);
-  Trainer other(parse_model("6,9:relu,3:softmax", "xent"), config_for(OptimizerKind::adam),
-                one.member(0), data());
-  expect_error([&] { restore_checkpoint(other, c); }, "does not match the trainer's 6,9:relu,3:softmax");
-  Trainer sgd(spec(), config_for(OptimizerKind::sgd), one.member(0), data());
-  expect_error([&] { restore_checkpoint(sgd, c); }, "checkpoint optimizer adam does not match");
+  testing::LocalGroup one(1);
+  Settings other_model = config_for(OptimizerKind::adam);
+  other_model.layers = "6,9:relu,3:softmax";
+  Trainer other(other_model, one.member(0), data());
+  expect_error([&] { other.restore(c); }, "does not match the trainer's 6,9:relu,3:softmax");
+  Trainer sgd(config_for(OptimizerKind::sgd), one.member(0), data());
+  expect_error([&] { sgd.restore(c); }, "checkpoint optimizer adam does not match");
 }
 
 // Rewrites an integer attribute of the root group in place.
@@ -317,7 +313,59 @@ TEST_F(CheckpointTest, VersionOneModelFilesLoadButDoNotResume) {
   EXPECT_FALSE(v1.has_training_state);
   EXPECT_EQ(v1.state.step, 7u);
   EXPECT_TRUE(same_bits(v1.params, c.params));
-  expect_error([&] { find_resume_point(path("v1.h5")); }, "holds the model only and cannot be resumed");
+  testing::LocalGroup one(1);
+  Settings resume = config_for(OptimizerKind::adam);
+  resume.resume = path("v1.h5");
+  expect_error([&] {
+    try {
+      Checkpointer(one.member(0), resume, {"--resume"});
+    } catch (const CollectiveFailure& e) {
+      SP_THROW(e.what());
+    }
+  }, "holds the model only and cannot be resumed");
+}
+
+// A file of format version 2 (before the settings table stored every setting) still loads
+// and resumes: made here from a version 3 file by taking away what version 3 added, storing
+// the deterministic mode as version 2 did (one chunk number) and a count as a signed integer.
+TEST_F(CheckpointTest, VersionTwoFilesStillLoad) {
+  Settings config = config_for(OptimizerKind::sgd);
+  config.deterministic = true;
+  config.chunk = 4;
+  config.stop_at_step = 5;
+  const Checkpoint c = train_on(1, config);
+  save_checkpoint(path("v2.h5"), c);
+  {
+    h5::Handle f(H5Fopen(path("v2.h5").c_str(), H5F_ACC_RDWR, H5P_DEFAULT), H5Fclose, "opening");
+    for (const SettingSpec& setting : settings_table()) {
+      if (!setting.attribute || setting.since_version < 3) continue;
+      const std::string attribute = setting.attribute;
+      const std::size_t slash = attribute.rfind('/');
+      const std::string object = slash == 0 ? "." : attribute.substr(1, slash - 1);
+      h5::check(H5Adelete_by_name(f.get(), object.c_str(), attribute.substr(slash + 1).c_str(),
+                                  H5P_DEFAULT),
+                "deleting " + attribute);
+    }
+    h5::Handle train(H5Gopen2(f.get(), "train", H5P_DEFAULT), H5Gclose, "opening /train");
+    h5::write_attr(train.get(), "deterministic_chunk", std::int64_t(4));
+    h5::check(H5Adelete(train.get(), "batch"), "deleting /train/batch");
+    h5::write_attr(train.get(), "batch", std::int64_t(10));
+    const std::int64_t two = 2;
+    h5::Handle version(H5Aopen(f.get(), "format_version", H5P_DEFAULT), H5Aclose, "opening");
+    h5::check(H5Awrite(version.get(), H5T_NATIVE_INT64, &two), "writing format_version");
+  }
+  const Checkpoint v2 = load_checkpoint(path("v2.h5"));
+  EXPECT_EQ(v2.format_version, 2);
+  EXPECT_TRUE(v2.has_training_state);
+  EXPECT_TRUE(v2.settings.deterministic);
+  EXPECT_EQ(v2.settings.chunk, 4u);
+  EXPECT_EQ(v2.settings.batch, 10u);
+  EXPECT_EQ(v2.settings.checkpoint_dir, "");  // not in version 2: the default
+  EXPECT_EQ(v2.checksum, c.checksum);
+  EXPECT_TRUE(same_bits(v2.params, c.params));
+  // It resumes exactly: the same bits as the uninterrupted run.
+  config.stop_at_step = -1;
+  EXPECT_TRUE(same_bits(train_on(1, config, &v2).params, train_on(1, config).params));
 }
 
 TEST_F(CheckpointTest, DirectoryKeepsTheNewestAndPointsAtThem) {
@@ -340,25 +388,67 @@ TEST_F(CheckpointTest, DirectoryKeepsTheNewestAndPointsAtThem) {
 
   // A damaged newest checkpoint is reported and the previous one used.
   fs::resize_file(path("run/ckpt-000000040.h5"), 1000);
-  const ResumePoint point = find_resume_point(path("run"));
+  const CheckpointSource point = find_checkpoint(path("run"), "--resume");
   EXPECT_EQ(point.path, path("run/ckpt-000000030.h5"));
   ASSERT_EQ(point.skipped.size(), 1u);
   EXPECT_NE(point.skipped[0].find("ckpt-000000040.h5"), std::string::npos) << point.skipped[0];
 
   fs::resize_file(path("run/ckpt-000000030.h5"), 1000);
-  expect_error([&] { find_resume_point(path("run")); }, "none of its 2 checkpoints verifies");
+  expect_error([&] { find_checkpoint(path("run"), "--resume"); }, "none of its 2 checkpoints verifies");
   fs::create_directories(path("empty"));
-  expect_error([&] { find_resume_point(path("empty")); }, "no checkpoints (ckpt-<step>.h5)");
-  expect_error([&] { find_resume_point(path("nowhere")); }, "--resume " + path("nowhere") + ": no such file or directory");
+  expect_error([&] { find_checkpoint(path("empty"), "--resume"); }, "no checkpoints (ckpt-<step>.h5)");
+  expect_error([&] { find_checkpoint(path("nowhere"), "--resume"); }, "--resume " + path("nowhere") + ": no such file or directory");
   std::ofstream(path("plain")) << "x";
   expect_error([&] { CheckpointDir(path("plain/sub"), 3); }, "--checkpoint-dir " + path("plain/sub") + ": cannot create");
+}
+
+// The library's Checkpointer, driven by Trainer::run on 2 in-process ranks: checkpoints on
+// the cadence (every 4 steps and every epoch), keeps the newest 3, writes the end of the
+// run; a later resume from the directory takes the run's settings back (cadence included),
+// continues writing there, and ends with the bits of the uninterrupted run.
+TEST_F(CheckpointTest, CheckpointerWritesOnItsCadenceAndResumesTheRun) {
+  Settings config = config_for(OptimizerKind::sgd);
+  config.checkpoint_dir = path("run");
+  config.checkpoint_every_steps = 4;
+  config.checkpoint_every_epochs = 1;
+  config.keep_checkpoints = 3;
+  config.stop_at_step = 14;
+  const GivenFlags given = {"--checkpoint-dir", "--checkpoint-every-steps",
+                            "--checkpoint-every-epochs", "--keep-checkpoints"};
+  const auto run = [&](const Settings& cli, const GivenFlags& flags) {
+    std::vector<Checkpoint> out(2);
+    testing::run_ranks(2, [&](Communicator& comm) {
+      Checkpointer checkpointer(comm, cli, flags);
+      Trainer trainer(checkpointer.settings(), comm, data());
+      if (checkpointer.resumed()) trainer.restore(*checkpointer.resumed());
+      TrainObserver quiet;
+      trainer.run(nullptr, quiet, &checkpointer);
+      out[std::size_t(comm.rank())] = trainer.checkpoint();
+    });
+    return out[0];
+  };
+  run(config, given);
+  // Steps 4 and 8, the epoch's end at 11, 12, then 14 where this invocation stops.
+  EXPECT_EQ(list_checkpoints(path("run")),
+            (std::vector<std::string>{path("run/ckpt-000000014.h5"), path("run/ckpt-000000012.h5"),
+                                      path("run/ckpt-000000011.h5")}));
+  Settings resume;  // nothing but where to resume from
+  resume.resume = path("run");
+  const Checkpoint resumed = run(resume, {"--resume"});
+  EXPECT_EQ(resumed.state.step, 33u);
+  // The cadence came back: 16, 20, 22 (an epoch), 24, 28, 32 and 33 (the end).
+  EXPECT_EQ(list_checkpoints(path("run")),
+            (std::vector<std::string>{path("run/ckpt-000000033.h5"), path("run/ckpt-000000032.h5"),
+                                      path("run/ckpt-000000028.h5")}));
+  Settings straight = config_for(OptimizerKind::sgd);
+  EXPECT_TRUE(same_bits(resumed.params, train_on(2, straight).params));
 }
 
 TEST_F(CheckpointTest, FailedWriteLeavesThePreviousCheckpoint) {
   Checkpoint c = trained();
   save_checkpoint(path("c.h5"), c);
   Checkpoint bad = c;
-  bad.optimizer_state.pop_back();
+  bad.optimizer_state.pop_back();  // not what the optimizer needs: refused before writing
   EXPECT_THROW(save_checkpoint(path("c.h5"), bad), Error);
   EXPECT_EQ(load_checkpoint(path("c.h5")).checksum, c.checksum);
   expect_error([&] { save_checkpoint(path("no/such/dir/c.h5"), c); }, "no/such/dir");
@@ -521,10 +611,10 @@ TEST_F(CheckpointTest, SigkillAtAnyMomentLeavesAVerifiedNewestCheckpoint) {
 
     const std::vector<std::string> files = list_checkpoints(run);
     ASSERT_FALSE(files.empty()) << "kill " << kills << ": no checkpoint left";
-    const ResumePoint point = find_resume_point(run);
+    const CheckpointSource point = find_checkpoint(run, "--resume");
     EXPECT_TRUE(point.skipped.empty()) << "kill " << kills << ": " << point.skipped.front();
     EXPECT_EQ(point.path, files.front());
-    const Checkpoint& newest = point.checkpoint;
+    const Checkpoint newest = parse_checkpoint(point.bytes, point.path);
     EXPECT_GE(newest.state.step, last_step);
     last_step = newest.state.step;
     EXPECT_EQ(newest.params[0], float(newest.state.step));

@@ -47,6 +47,7 @@ int main(int argc, char** argv) {
     c.train_rows = 1000;
     c.train_cols = 784;
     c.world_size = c.threads = 1;
+    c.settings.layers = c.spec.layers_string();
     c.params.assign(layout.size(), 0.0f);
     c.optimizer_state.assign(layout.size(), 0.0f);
     for (int i = 0; i < 100000; ++i) {
@@ -57,7 +58,7 @@ int main(int argc, char** argv) {
       c.state.step = c.optimizer_steps = step;
       c.state.epoch = step / 4;
       c.state.batch_in_epoch = step % 4;
-      c.config.batch = 250;
+      c.settings.batch = 250;
       report(fd, 'S', step);
       dir.write(c);
       report(fd, 'E', step);

@@ -17,6 +17,7 @@
 #include <thread>
 #include <oneapi/tbb/global_control.h>
 
+#include "fixed_point.hpp"
 #include "shardprop/comm.hpp"
 #include "shardprop/train.hpp"
 #include "test_util.hpp"
@@ -47,7 +48,7 @@ TEST(ChunkedShard, ShardsTileTheRowsAndEndOnChunkEdges) {
       for (int p = 1; p <= 6; ++p) {
         std::size_t next = 0;
         for (int r = 0; r < p; ++r) {
-          const Range s = chunked_shard(rows, chunk, r, p);
+          const Range s = shard_range(rows, r, p, chunk);
           EXPECT_EQ(s.begin, next);
           EXPECT_TRUE(s.begin % chunk == 0 || s.begin == rows);
           next = s.end;
@@ -76,10 +77,7 @@ Problem make_problem(const std::string& layers, const std::string& loss, std::si
   return p;
 }
 
-struct Outcome {
-  AlignedVector<float> grad;
-  MinibatchStats stats;
-};
+using Outcome = testing::Gradient<float>;
 
 // The problem's batch reduced over p in-process ranks with `threads` oneTBB threads: in the
 // deterministic mode with chunks of `chunk` rows, or with chunk 0 in the default mode.
@@ -87,27 +85,15 @@ std::vector<Outcome> reduce(const Problem& problem, std::size_t chunk, int p, in
   const oneapi::tbb::global_control limit(oneapi::tbb::global_control::max_allowed_parallelism,
                                           std::size_t(threads));
   const std::size_t batch = std::size_t(problem.x.rows());
-  LocalGroup group(p);
   std::vector<Outcome> out(static_cast<std::size_t>(p));
-  std::vector<std::thread> ranks;
-  for (int r = 0; r < p; ++r) {
-    ranks.emplace_back([&, r] {
-      Mlp<float> mlp(problem.spec);
-      DeterministicBuffers buffers;
-      Outcome& o = out[std::size_t(r)];
-      o.grad.assign(mlp.layout().size() + kGradStats, 0.0f);
-      const Range shard = chunked_shard(batch, chunk, r, p);
-      const auto x = testing::rows_of(problem.x, shard.begin, shard.end);
-      const auto y = testing::rows_of(problem.y, shard.begin, shard.end);
-      const std::span<const float> params(problem.params);
-      o.stats = chunk > 0 ? reduce_minibatch_gradient_deterministic(mlp, group.member(r), params,
-                                                                    x, y, chunk, batch, buffers,
-                                                                    std::span<float>(o.grad))
-                          : reduce_minibatch_gradient<float>(mlp, group.member(r), params, x, y,
-                                                             std::span<float>(o.grad));
-    });
-  }
-  for (auto& t : ranks) t.join();
+  testing::run_ranks(p, [&](Communicator& comm) {
+    Mlp<float> mlp(problem.spec, chunk);
+    const Range shard = shard_range(batch, comm.rank(), p, chunk);
+    out[std::size_t(comm.rank())] = testing::reduced_gradient<float>(
+        mlp, comm, std::span<const float>(problem.params),
+        testing::rows_of(problem.x, shard.begin, shard.end),
+        testing::rows_of(problem.y, shard.begin, shard.end), batch);
+  });
   return out;
 }
 
@@ -128,13 +114,13 @@ TEST_P(DeterministicReduce, SameBitsForAnyRanksAndThreadsAndEqualToFullBatch) {
   const Layout layout(spec);
 
   const std::vector<Outcome> reference = reduce(problem, chunk, 1, 1);
-  const auto g = std::span<const float>(reference[0].grad).first(layout.size());
+  const auto g = std::span<const float>(reference[0].mean);
   for (int threads : {1, 2}) {
     for (int p : {1, 2, 3, 4, 5, 16}) {  // 16 ranks: three of them hold no chunk
       const std::vector<Outcome> run = reduce(problem, chunk, p, threads);
       for (int r = 0; r < p; ++r) {
         const Outcome& o = run[std::size_t(r)];
-        EXPECT_TRUE(same_bits(std::span<const float>(o.grad).first(layout.size()), g))
+        EXPECT_TRUE(same_bits(std::span<const float>(o.mean), g))
             << p << " ranks x " << threads << " threads, rank " << r;
         EXPECT_EQ(o.stats.loss_sum, reference[0].stats.loss_sum) << p << " ranks, rank " << r;
         EXPECT_EQ(o.stats.correct, reference[0].stats.correct);
@@ -146,24 +132,22 @@ TEST_P(DeterministicReduce, SameBitsForAnyRanksAndThreadsAndEqualToFullBatch) {
 
   // The full-batch mean gradient, in float (same rounding of each term) and in double.
   Mlp<float> full_mlp(spec);
-  AlignedVector<float> full(layout.size(), 0.0f);
-  const LossSums sums =
-      full_mlp.forward_backward(params, testing::view(x), testing::view(y), std::span<float>(full));
-  for (auto& v : full) v /= float(batch);
-  EXPECT_LT(testing::max_relative_error<float>(layout, g, full), 2e-6);
+  const testing::Gradient<float> full =
+      testing::full_batch_gradient<float>(full_mlp, params, testing::view(x), testing::view(y));
+  EXPECT_LT(testing::max_relative_error<float>(layout, g, std::span<const float>(full.mean)), 2e-6);
 
   Mlp<double> exact_mlp(spec);
   const AlignedVector<double> params64(params.begin(), params.end());
   const RowMatrix<double> x64 = x.cast<double>(), y64 = y.cast<double>();
-  AlignedVector<double> full64(layout.size(), 0.0);
-  const LossSums sums64 = exact_mlp.forward_backward(params64, testing::view(x64),
-                                                     testing::view(y64), std::span<double>(full64));
-  for (auto& v : full64) v /= double(batch);
+  const testing::Gradient<double> full64 = testing::full_batch_gradient<double>(
+      exact_mlp, params64, testing::view(x64), testing::view(y64));
   const AlignedVector<double> g64(g.begin(), g.end());
-  EXPECT_LT(testing::max_relative_error<double>(layout, g64, full64), 1e-6);
-  EXPECT_NEAR(reference[0].stats.loss_sum, sums.loss, 1e-6 * sums.loss);
-  EXPECT_NEAR(reference[0].stats.loss_sum, sums64.loss, 1e-5 * sums64.loss);
-  EXPECT_EQ(reference[0].stats.correct, sums.correct);
+  EXPECT_LT(testing::max_relative_error<double>(layout, std::span<const double>(g64),
+                                                std::span<const double>(full64.mean)),
+            1e-6);
+  EXPECT_NEAR(reference[0].stats.loss_sum, full.stats.loss_sum, 1e-6 * full.stats.loss_sum);
+  EXPECT_NEAR(reference[0].stats.loss_sum, full64.stats.loss_sum, 1e-5 * full64.stats.loss_sum);
+  EXPECT_EQ(reference[0].stats.correct, full.stats.correct);
 }
 
 INSTANTIATE_TEST_SUITE_P(Losses, DeterministicReduce, ::testing::Values("xent", "bce", "mse"));
@@ -172,10 +156,8 @@ INSTANTIATE_TEST_SUITE_P(Losses, DeterministicReduce, ::testing::Values("xent", 
 // boundaries, does not give 1 rank's bits on 3 ranks for this batch.
 TEST(DeterministicReduce, TheDefaultModeDiffersSoTheComparisonCanFail) {
   const Problem problem = make_problem("20,48:relu,24:tanh,6:softmax", "xent", 103, 11, 31);
-  const std::size_t n = Layout(problem.spec).size();
   const std::vector<Outcome> one = reduce(problem, 0, 1, 1), three = reduce(problem, 0, 3, 1);
-  EXPECT_FALSE(same_bits(std::span<const float>(one[0].grad).first(n),
-                         std::span<const float>(three[0].grad).first(n)));
+  EXPECT_FALSE(same_bits(std::span<const float>(one[0].mean), std::span<const float>(three[0].mean)));
 }
 
 TEST(DeterministicReduce, NonFiniteInputIsReportedOnEveryRank) {

@@ -26,9 +26,15 @@ test "$(cat "$work/ck/latest")" = ckpt-000000059.h5
 test "$(ls "$work/ck" | grep -c '^ckpt-')" = 3   # 25, 50 and the stop at 59
 "$python" "$tool" verify "$work/ck/ckpt-000000059.h5"
 
-# Same ranks: bitwise. Flags not given come from the checkpoint.
-train 2 --train "$work/train.h5" --resume "$work/ck" --save "$work/again2.h5" | tee "$work/resume2.txt"
+# Same ranks: bitwise. Flags not given come from the checkpoint, the checkpoint cadence
+# among them: resumed from a copy of the directory, the run goes on writing every 25 steps
+# into it and keeps 3.
+cp -a "$work/ck" "$work/ck2"
+train 2 --resume "$work/ck2" --save "$work/again2.h5" | tee "$work/resume2.txt"
 grep -q "resume .*ckpt-000000059.h5: step 59, epoch 2, batch 17 of 42; written by 2 ranks" "$work/resume2.txt"
+grep -q "restored .*--train $work/train.h5 .*--checkpoint-dir $work/ck2 --checkpoint-every-steps 25" "$work/resume2.txt"
+grep -q "checkpoint $work/ck2, every 25 steps, at the end; keeping 3" "$work/resume2.txt"
+test "$(ls "$work/ck2" | tr '\n' ' ')" = "ckpt-000000125.h5 ckpt-000000150.h5 ckpt-000000168.h5 latest "
 "$python" "$tool" same "$work/straight.h5" "$work/again2.h5"
 
 # Three ranks: the same global batches, sums in another order (see checkpoint_test.cpp).

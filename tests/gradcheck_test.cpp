@@ -37,10 +37,10 @@ TEST_P(GradCheck, AnalyticGradientMatchesFiniteDifferences) {
   const RowMatrix<double> x = testing::random_matrix<double>(batch, 6, 12) * 2.0;
   const RowMatrix<double> y = testing::random_targets<double>(loss, batch, 3, 13);
 
-  AlignedVector<double> grad(layout.size(), 0.0);
-  mlp.forward_backward(params, testing::view(x), testing::view(y), std::span<double>(grad));
+  const AlignedVector<double> grad =
+      testing::full_batch_gradient<double>(mlp, params, testing::view(x), testing::view(y)).mean;
   const auto mean_loss = [&] {
-    return mlp.evaluate(params, testing::view(x), testing::view(y)).loss / double(batch);
+    return mlp.losses(params, testing::view(x), testing::view(y))[0].loss / double(batch);
   };
   const double h = 1e-6;
   std::size_t checked = 0;
@@ -57,7 +57,7 @@ TEST_P(GradCheck, AnalyticGradientMatchesFiniteDifferences) {
       const double down = mean_loss();
       params[i] = saved;
       const double numeric = (up - down) / (2 * h);
-      const double analytic = grad[i] / double(batch);
+      const double analytic = grad[i];
       EXPECT_NEAR(analytic, numeric, 1e-7 + 1e-6 * std::abs(numeric))
           << "layer " << l << (in_w ? " W" : " b") << " element " << i;
       ++checked;

@@ -24,7 +24,7 @@ MpiComm* world = nullptr;
 template <class T>
 void expect_same_on_all_ranks(std::span<const T> values) {
   std::vector<T> root(values.begin(), values.end());
-  world->broadcast_values(std::span<T>(root), 0);
+  world->broadcast(std::span<T>(root), 0);
   EXPECT_TRUE(std::equal(values.begin(), values.end(), root.begin()))
       << "rank " << world->rank() << " differs from rank 0";
 }
@@ -39,36 +39,34 @@ void check_reduction(const char* layers, double tolerance) {
     const RowMatrix<T> x = testing::random_matrix<T>(batch, 12, batch);
     const RowMatrix<T> y = testing::random_targets<T>(Loss::xent, batch, 4, batch + 1);
     Mlp<T> mlp(spec);
-    AlignedVector<T> full(layout.size(), T(0));
-    mlp.forward_backward(params, testing::view(x), testing::view(y), std::span<T>(full));
-    for (auto& g : full) g /= T(batch);
+    const testing::Gradient<T> full =
+        testing::full_batch_gradient<T>(mlp, params, testing::view(x), testing::view(y));
 
     const Range shard = shard_range(batch, world->rank(), world->size());
-    AlignedVector<T> grad(layout.size() + kGradStats);
-    const MinibatchStats stats = reduce_minibatch_gradient<T>(
-        mlp, *world, std::span<const T>(params), testing::rows_of(x, shard.begin, shard.end),
-        testing::rows_of(y, shard.begin, shard.end), std::span<T>(grad));
-    EXPECT_EQ(stats.samples, double(batch));
-    const auto g = std::span<const T>(grad).first(layout.size());
-    EXPECT_LT(testing::max_relative_error<T>(layout, g, full), tolerance)
+    const auto xs = testing::rows_of(x, shard.begin, shard.end);
+    const auto ys = testing::rows_of(y, shard.begin, shard.end);
+    const testing::Gradient<T> g =
+        testing::reduced_gradient<T>(mlp, *world, std::span<const T>(params), xs, ys, batch);
+    EXPECT_EQ(g.stats.samples, double(batch));
+    EXPECT_LT(testing::max_relative_error<T>(layout, std::span<const T>(g.mean),
+                                             std::span<const T>(full.mean)),
+              tolerance)
         << "batch " << batch << " over " << world->size() << " ranks";
-    expect_same_on_all_ranks<T>(g);
+    expect_same_on_all_ranks<T>(g.mean);
     // One reduction of the whole gradient after backward gives the same mean gradient,
     // equal on every rank. On 1 or 2 ranks it has the same bits (a + b = b + a); on more,
     // MPI may add the ranks' parts in another order.
-    AlignedVector<T> after(layout.size() + kGradStats);
-    const MinibatchStats once = reduce_minibatch_gradient<T>(
-        mlp, *world, std::span<const T>(params), testing::rows_of(x, shard.begin, shard.end),
-        testing::rows_of(y, shard.begin, shard.end), std::span<T>(after), nullptr, {},
-        /*overlap=*/false);
-    EXPECT_EQ(once.samples, double(batch));
-    EXPECT_NEAR(once.loss_sum, stats.loss_sum, tolerance * std::abs(stats.loss_sum));
-    const auto a = std::span<const T>(after).first(layout.size());
-    EXPECT_LT(testing::max_relative_error<T>(layout, a, full), tolerance)
+    const testing::Gradient<T> once = testing::reduced_gradient<T>(
+        mlp, *world, std::span<const T>(params), xs, ys, batch, /*overlap=*/false);
+    EXPECT_EQ(once.stats.samples, double(batch));
+    EXPECT_NEAR(once.stats.loss_sum, g.stats.loss_sum, tolerance * std::abs(g.stats.loss_sum));
+    EXPECT_LT(testing::max_relative_error<T>(layout, std::span<const T>(once.mean),
+                                             std::span<const T>(full.mean)),
+              tolerance)
         << "batch " << batch << " over " << world->size() << " ranks";
-    expect_same_on_all_ranks<T>(a);
+    expect_same_on_all_ranks<T>(once.mean);
     if (world->size() <= 2) {
-      EXPECT_TRUE(std::equal(grad.begin(), grad.end(), after.begin())) << "batch " << batch;
+      EXPECT_TRUE(std::equal(g.mean.begin(), g.mean.end(), once.mean.begin())) << "batch " << batch;
     }
   }
 }
@@ -86,11 +84,12 @@ TEST(Mpi, ReducedGradientEqualsFullBatchDouble) {
 TEST(Mpi, ParametersStayIdenticalOnAllRanksAndMatchOneRank) {
   const Dataset data = testing::noisy_classes(101, 6, 3, 1.0);
   const ModelSpec spec = parse_model("6,16:relu,8:sigmoid,3:softmax", "xent");
-  TrainConfig config;
+  Settings config;
+  config.layers = spec.layers_string();
   config.batch = 10;  // uneven over 3 ranks; the 11th batch of each epoch is short
   config.epochs = 2;
-  config.optimizer.lr = 0.1;
-  Trainer trainer(spec, config, *world, data);
+  config.lr = 0.1;
+  Trainer trainer(config, *world, data);
   TrainObserver quiet;
   trainer.run(nullptr, quiet);
   EXPECT_EQ(trainer.state().step, 22u);
@@ -98,8 +97,8 @@ TEST(Mpi, ParametersStayIdenticalOnAllRanksAndMatchOneRank) {
 
   // The same training on one rank alone gives the same parameters up to float rounding
   // (22 steps of sums in another order: 1e-4 relative).
-  LocalGroup alone(1);
-  Trainer single(spec, config, alone.member(0), data);
+  testing::LocalGroup alone(1);
+  Trainer single(config, alone.member(0), data);
   single.run(nullptr, quiet);
   EXPECT_LT(testing::max_relative_error<float>(trainer.layout(), trainer.params(), single.params()),
             1e-4);
@@ -116,18 +115,20 @@ TEST(Mpi, ParametersStayIdenticalOnAllRanksAndMatchOneRank) {
 TEST(Mpi, DeterministicTrainingHasOneRanksBits) {
   const Dataset data = testing::noisy_classes(203, 6, 3, 1.0);
   const ModelSpec spec = parse_model("6,24:relu,12:tanh,3:softmax", "xent");
-  TrainConfig config;
+  Settings config;
+  config.layers = spec.layers_string();
   config.batch = 40;  // 5 chunks of 8: uneven over 2, 3 and 4 ranks; each epoch ends short
   config.epochs = 3;
-  config.optimizer.lr = 0.1;
-  config.deterministic_chunk = 8;
+  config.lr = 0.1;
+  config.deterministic = true;
+  config.chunk = 8;
   TrainObserver quiet;
-  LocalGroup alone(1);
+  testing::LocalGroup alone(1);
   std::vector<float> reference;
   EvalStats reference_eval;
   {
     const oneapi::tbb::global_control one(oneapi::tbb::global_control::max_allowed_parallelism, 1);
-    Trainer single(spec, config, alone.member(0), data);
+    Trainer single(config, alone.member(0), data);
     single.run(nullptr, quiet);
     reference.assign(single.params().begin(), single.params().end());
     reference_eval = single.evaluate(data);
@@ -135,7 +136,7 @@ TEST(Mpi, DeterministicTrainingHasOneRanksBits) {
   for (std::size_t threads : {1u, 2u}) {
     const oneapi::tbb::global_control limit(oneapi::tbb::global_control::max_allowed_parallelism,
                                             threads);
-    Trainer trainer(spec, config, *world, data);
+    Trainer trainer(config, *world, data);
     trainer.run(nullptr, quiet);
     EXPECT_EQ(trainer.state().step, 18u);
     EXPECT_EQ(std::memcmp(trainer.params().data(), reference.data(), reference.size() * sizeof(float)), 0)
@@ -147,10 +148,12 @@ TEST(Mpi, DeterministicTrainingHasOneRanksBits) {
 }
 
 // A rank that does not join a collective in time makes the waiting ranks throw
-// CollectiveTimeout after the timeout, not hang. The late rank joins only once rank 0 has
-// given up and told it so, whatever the machine's speed; it then completes the abandoned
-// collective alone (the others' requests still progress inside the barrier), so the test
-// can end cleanly. The buffers are static because the abandoned requests still write them.
+// CollectiveTimeout after the timeout, not hang. The late rank joins only once every other
+// rank has given up and told it so, whatever the machine's speed (a rank that joined the
+// collective late itself would otherwise still see it complete); it then completes the
+// abandoned collective alone (the others' requests still progress inside the barrier), so
+// the test can end cleanly. The buffers are static because the abandoned requests still
+// write them.
 TEST(Mpi, CollectiveTimeoutGivesUpOnALateRank) {
   MpiComm comm(MPI_COMM_WORLD);
   const int late_rank = comm.size() - 1;
@@ -164,8 +167,11 @@ TEST(Mpi, CollectiveTimeoutGivesUpOnALateRank) {
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
   if (late) {
-    int gave_up = 0;
-    ASSERT_EQ(MPI_Recv(&gave_up, 1, MPI_INT, 0, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE), MPI_SUCCESS);
+    for (int r = 0; r < late_rank; ++r) {
+      int gave_up = 0;
+      ASSERT_EQ(MPI_Recv(&gave_up, 1, MPI_INT, r, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE),
+                MPI_SUCCESS);
+    }
     comm.allreduce_sum(std::span<float>(data));
   } else {
     try {
@@ -180,15 +186,12 @@ TEST(Mpi, CollectiveTimeoutGivesUpOnALateRank) {
           << e.message();
     }
     int gave_up = 1;
-    if (comm.rank() == 0) {
-      ASSERT_EQ(MPI_Send(&gave_up, 1, MPI_INT, late_rank, 7, MPI_COMM_WORLD), MPI_SUCCESS);
-    }
+    ASSERT_EQ(MPI_Send(&gave_up, 1, MPI_INT, late_rank, 7, MPI_COMM_WORLD), MPI_SUCCESS);
   }
   ASSERT_EQ(MPI_Barrier(MPI_COMM_WORLD), MPI_SUCCESS);
   if (late) {
     EXPECT_EQ(data[0], float(comm.size()));
   }
-  comm.free();
 }
 
 }  // namespace
@@ -208,7 +211,6 @@ int main(int argc, char** argv) {
     shardprop::MpiComm comm(MPI_COMM_WORLD);
     shardprop::world = &comm;
     status = RUN_ALL_TESTS();
-    comm.free();
   }
   MPI_Finalize();
   return status;

@@ -11,9 +11,12 @@
 #include <span>
 #include <string>
 
+#include "local_group.hpp"
 #include "shardprop/data.hpp"
 #include "shardprop/error.hpp"
+#include "shardprop/mlp.hpp"
 #include "shardprop/params.hpp"
+#include "shardprop/reducer.hpp"
 #include "shardprop/rng.hpp"
 #include "shardprop/spec.hpp"
 
@@ -116,6 +119,37 @@ inline Dataset noisy_classes(std::size_t rows, std::size_t cols, std::size_t cla
     }
   }
   return d;
+}
+
+// A mean gradient and the statistics it came with.
+template <class T>
+struct Gradient {
+  AlignedVector<T> mean;
+  MinibatchStats stats;
+};
+
+// This rank's rows (x, y) of a global minibatch of `global_rows` rows, through
+// Mlp::forward_backward and the reducer of the model's mode (make_reducer) over `comm`: the
+// mean gradient of the global minibatch.
+template <class T>
+Gradient<T> reduced_gradient(Mlp<T>& mlp, Communicator& comm, std::span<const T> params,
+                             ConstMatrixView<T> x, ConstMatrixView<T> y, std::size_t global_rows,
+                             bool overlap = true) {
+  const auto reducer = make_reducer<T>(mlp.layout(), comm, mlp.chunk(), overlap);
+  reducer->begin(std::size_t(x.rows()), global_rows);
+  mlp.forward_backward(params, x, y, *reducer);
+  Gradient<T> g;
+  g.stats = reducer->finish();
+  g.mean.assign(reducer->gradient().begin(), reducer->gradient().end());
+  return g;
+}
+
+// The full-batch mean gradient of (x, y): the whole batch on one in-process rank.
+template <class T>
+Gradient<T> full_batch_gradient(Mlp<T>& mlp, std::span<const T> params, ConstMatrixView<T> x,
+                                ConstMatrixView<T> y) {
+  LocalGroup one(1);
+  return reduced_gradient<T>(mlp, one.member(0), params, x, y, std::size_t(x.rows()));
 }
 
 }  // namespace shardprop::testing

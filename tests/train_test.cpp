@@ -3,7 +3,6 @@
 #include <gtest/gtest.h>
 
 #include <numbers>
-#include <thread>
 
 #include "test_util.hpp"
 
@@ -16,30 +15,35 @@ class Counter final : public TrainObserver {
   std::vector<EpochStats> epochs;
 };
 
+Settings settings_for(const std::string& layers, std::size_t batch) {
+  Settings s;
+  s.layers = layers;
+  s.batch = batch;
+  return s;
+}
+
 TEST(Trainer, CosineScheduleFallsFromBaseToZero) {
   const Dataset data = testing::noisy_classes(40, 3, 2, 3.0);
-  TrainConfig config;
-  config.batch = 10;
+  Settings config = settings_for("3,4,2", 10);
   config.epochs = 5;  // 20 steps
-  config.optimizer.lr = 0.2;
-  config.cosine_schedule = true;
-  LocalGroup one(1);
-  Trainer trainer(parse_model("3,4,2", "xent"), config, one.member(0), data);
+  config.lr = 0.2;
+  config.lr_schedule = "cosine";
+  testing::LocalGroup one(1);
+  Trainer trainer(config, one.member(0), data);
   EXPECT_DOUBLE_EQ(trainer.learning_rate(0), 0.2);
   EXPECT_NEAR(trainer.learning_rate(10), 0.1, 1e-15);
   EXPECT_NEAR(trainer.learning_rate(5), 0.1 * (1 + std::cos(std::numbers::pi / 4)), 1e-15);
   EXPECT_NEAR(trainer.learning_rate(20), 0.0, 1e-15);
-  trainer.config().cosine_schedule = false;
+  trainer.settings().lr_schedule = "constant";
   EXPECT_DOUBLE_EQ(trainer.learning_rate(13), 0.2);
 }
 
 TEST(Trainer, EpochsShortLastBatchAndMaxSteps) {
   const Dataset data = testing::noisy_classes(23, 3, 2, 3.0);  // batches of 10, 10, 3
-  TrainConfig config;
-  config.batch = 10;
+  Settings config = settings_for("3,4,2", 10);
   config.epochs = 2;
-  LocalGroup one(1);
-  Trainer trainer(parse_model("3,4,2", "xent"), config, one.member(0), data);
+  testing::LocalGroup one(1);
+  Trainer trainer(config, one.member(0), data);
   Counter seen;
   trainer.run(&data, seen);
   ASSERT_EQ(seen.epochs.size(), 2u);
@@ -51,7 +55,7 @@ TEST(Trainer, EpochsShortLastBatchAndMaxSteps) {
   EXPECT_EQ(trainer.state().batch_in_epoch, 0u);
 
   config.max_steps = 4;  // stops inside the second epoch
-  Trainer limited(parse_model("3,4,2", "xent"), config, one.member(0), data);
+  Trainer limited(config, one.member(0), data);
   Counter partial;
   limited.run(nullptr, partial);
   EXPECT_EQ(limited.state().step, 4u);
@@ -63,25 +67,22 @@ TEST(Trainer, EpochsShortLastBatchAndMaxSteps) {
 
 TEST(Trainer, RejectsBatchesThatCannotBeSharded) {
   const Dataset data = testing::noisy_classes(8, 3, 2, 3.0);
-  TrainConfig config;
-  config.batch = 9;  // more than the 8 samples
-  LocalGroup one(1);
-  EXPECT_THROW(Trainer(parse_model("3,2", "xent"), config, one.member(0), data), Error);
+  Settings config = settings_for("3,2", 9);  // more than the 8 samples
+  testing::LocalGroup one(1);
+  EXPECT_THROW(Trainer(config, one.member(0), data), UsageError);
 }
 
 // run() gathers each next batch during the current step's reductions; the result is the
 // same, bit for bit, as stepping through the same batches one gather at a time.
 TEST(Trainer, PrefetchingTheNextBatchChangesNothing) {
   const Dataset data = testing::noisy_classes(57, 5, 3, 1.0);  // batches of 8: 7 full, 1 short
-  TrainConfig config;
-  config.batch = 8;
+  Settings config = settings_for("5,9:relu,3:softmax", 8);
   config.epochs = 2;
-  LocalGroup one(1);
-  const ModelSpec spec = parse_model("5,9:relu,3:softmax", "xent");
-  Trainer prefetching(spec, config, one.member(0), data);
+  testing::LocalGroup one(1);
+  Trainer prefetching(config, one.member(0), data);
   TrainObserver quiet;
   prefetching.run(nullptr, quiet);
-  Trainer plain(spec, config, one.member(0), data);
+  Trainer plain(config, one.member(0), data);
   std::vector<std::uint32_t> order;
   for (std::uint64_t epoch = 0; epoch < 2; ++epoch) {
     epoch_permutation(data.rows, config.seed, epoch, order);
@@ -101,33 +102,28 @@ TEST(Trainer, PrefetchingTheNextBatchChangesNothing) {
 // that names the step and the layer, and leaves the parameters of the last good step.
 TEST(Trainer, DivergenceStopsEveryRankAndNamesStepAndLayer) {
   const Dataset data = testing::noisy_classes(40, 3, 2, 1.0);
-  TrainConfig config;
-  config.batch = 10;
-  config.optimizer.lr = 1e30;  // the first step is finite; its update overflows the next one
-  LocalGroup group(2);
+  Settings config = settings_for("3,4:relu,2:softmax", 10);
+  config.lr = 1e30;  // the first step is finite; its update overflows the next one
   std::string reports[2];
   std::uint64_t steps[2] = {0, 0};
   bool unchanged[2] = {false, false};
-  std::vector<std::thread> ranks;
-  for (int r = 0; r < 2; ++r) {
-    ranks.emplace_back([&, r] {
-      Trainer trainer(parse_model("3,4:relu,2:softmax", "xent"), config, group.member(r), data);
-      std::vector<std::uint32_t> order;
-      epoch_permutation(data.rows, config.seed, 0, order);
-      std::vector<float> good;
-      try {
-        for (std::size_t begin = 0; begin < data.rows; begin += config.batch) {
-          good.assign(trainer.params().begin(), trainer.params().end());
-          trainer.step(std::span<const std::uint32_t>(order).subspan(begin, config.batch));
-        }
-      } catch (const CollectiveFailure& failure) {
-        if (failure.reports()) reports[r] = failure.what();
-        steps[r] = trainer.state().step;
-        unchanged[r] = std::equal(good.begin(), good.end(), trainer.params().begin());
+  testing::run_ranks(2, [&](Communicator& comm) {
+    const int r = comm.rank();
+    Trainer trainer(config, comm, data);
+    std::vector<std::uint32_t> order;
+    epoch_permutation(data.rows, config.seed, 0, order);
+    std::vector<float> good;
+    try {
+      for (std::size_t begin = 0; begin < data.rows; begin += config.batch) {
+        good.assign(trainer.params().begin(), trainer.params().end());
+        trainer.step(std::span<const std::uint32_t>(order).subspan(begin, config.batch));
       }
-    });
-  }
-  for (auto& t : ranks) t.join();
+    } catch (const CollectiveFailure& failure) {
+      if (failure.reports()) reports[r] = failure.what();
+      steps[r] = trainer.state().step;
+      unchanged[r] = std::equal(good.begin(), good.end(), trainer.params().begin());
+    }
+  });
   EXPECT_EQ(steps[0], 1u);  // step 2 diverged, step 1 stands
   EXPECT_EQ(steps[1], 1u);
   EXPECT_TRUE(unchanged[0]);

@@ -1,52 +1,69 @@
-// The communicator abstraction the trainer reduces through: real MPI, or an in-process group
-// of threads standing in for ranks (for single-process tests of the reduction).
+// The communicator the trainer reduces through. MpiComm is MPI's; tests substitute an
+// in-process group of threads standing in for ranks (tests/local_group.hpp).
 #pragma once
 
 #include <mpi.h>
 
-#include <barrier>
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "shardprop/error.hpp"
 
 namespace shardprop {
 
+// The MPI datatype of a C++ element type.
+template <class T>
+MPI_Datatype mpi_type();
+template <> inline MPI_Datatype mpi_type<float>() { return MPI_FLOAT; }
+template <> inline MPI_Datatype mpi_type<double>() { return MPI_DOUBLE; }
+template <> inline MPI_Datatype mpi_type<std::int32_t>() { return MPI_INT32_T; }
+template <> inline MPI_Datatype mpi_type<std::int64_t>() { return MPI_INT64_T; }
+template <> inline MPI_Datatype mpi_type<std::uint64_t>() { return MPI_UINT64_T; }
+template <> inline MPI_Datatype mpi_type<std::byte>() { return MPI_BYTE; }
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
+
   // In-place elementwise sum over all ranks; every rank receives the same values.
-  virtual void allreduce_sum(std::span<float> data) = 0;
-  virtual void allreduce_sum(std::span<double> data) = 0;
-  virtual void allreduce_sum(std::span<std::int64_t> data) = 0;
+  template <class T>
+  void allreduce_sum(std::span<T> data) {
+    allreduce(data.data(), data.size(), mpi_type<T>(), MPI_SUM);
+  }
+  // In-place elementwise maximum over all ranks (floating-point values must not be NaN).
+  template <class T>
+  void allreduce_max(std::span<T> data) {
+    allreduce(data.data(), data.size(), mpi_type<T>(), MPI_MAX);
+  }
+  // The largest of the ranks' values.
+  template <class T>
+  T allreduce_max(T value) {
+    allreduce(&value, 1, mpi_type<T>(), MPI_MAX);
+    return value;
+  }
   // Starts an in-place sum of `data` over all ranks, finished by wait_all(). Every rank
   // starts the same reductions in the same order, and leaves `data` alone until wait_all()
-  // returns. This default reduces at once.
-  virtual void start_allreduce_sum(std::span<float> data) { allreduce_sum(data); }
-  virtual void start_allreduce_sum(std::span<double> data) { allreduce_sum(data); }
-  virtual void start_allreduce_sum(std::span<std::int64_t> data) { allreduce_sum(data); }
+  // returns.
+  template <class T>
+  void start_allreduce_sum(std::span<T> data) {
+    start_allreduce(data.data(), data.size(), mpi_type<T>(), MPI_SUM);
+  }
+  // Copies root's values to every rank.
+  template <class T>
+  void broadcast(std::span<T> data, int root) {
+    broadcast_bytes(data.data(), data.size_bytes(), root);
+  }
   // Lets started reductions advance while the caller computes.
   virtual void progress() {}
   // Completes every started reduction.
   virtual void wait_all() {}
-  // The largest of the ranks' values.
-  virtual std::int64_t allreduce_max(std::int64_t value) = 0;
-  // In-place elementwise maximum over all ranks (values must not be NaN).
-  virtual void allreduce_max(std::span<double> data) = 0;
-  // Copies root's bytes to every rank.
-  virtual void broadcast(std::span<std::byte> data, int root) = 0;
 
-  template <class T>
-  void broadcast_values(std::span<T> values, int root) {
-    broadcast(std::as_writable_bytes(values), root);
-  }
-
-  // What the ranks are doing, named in the error of a collective that fails or times out:
+  // What the ranks are doing, named in the error of a collective that times out:
   // "step 42: MPI_Allreduce did not complete ...". `what` must outlive its use (a literal);
   // setting it allocates nothing, so the trainer sets it every step.
   void set_phase(const char* what, std::uint64_t step) {
@@ -57,6 +74,14 @@ class Communicator {
   // "step 42: ", or "" when no phase is set.
   std::string phase() const;
 
+ protected:
+  virtual void allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op) = 0;
+  // By default a blocking reduction, done at once.
+  virtual void start_allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op) {
+    allreduce(data, count, type, op);
+  }
+  virtual void broadcast_bytes(void* data, std::size_t bytes, int root) = 0;
+
  private:
   const char* phase_what_ = nullptr;
   std::uint64_t phase_step_ = 0;
@@ -64,30 +89,36 @@ class Communicator {
 
 // Runs `fn` on every rank. If it throws on any rank, every rank throws CollectiveFailure:
 // the lowest failing rank with its own error text, the others without, so exactly one rank
-// reports the cause.
+// reports the cause; all carry the reporting rank's exit status.
 template <class Fn>
 void collective_check(Communicator& comm, Fn&& fn) {
   std::string error;
-  bool failed_here = false;
+  int status = 0;
   try {
     fn();
+  } catch (const Error& e) {
+    status = e.exit_status();
+    error = status == kExitUsage ? e.message() + " (see --help)" : e.what();
   } catch (const std::exception& e) {
-    failed_here = true;
     error = e.what();
+    status = kExitFailure;
   }
-  const std::int64_t failed = comm.allreduce_max(failed_here ? comm.size() - comm.rank() : 0);
-  if (failed == 0) return;
-  const bool reports = failed_here && comm.size() - comm.rank() == failed;
-  throw CollectiveFailure(reports ? error : "rank " + std::to_string(comm.size() - failed) +
-                                                " failed", reports);
+  // The lowest failing rank has the largest size - rank; its status rides in the low byte.
+  const std::int64_t mine = status ? std::int64_t(comm.size() - comm.rank()) << 8 | status : 0;
+  const std::int64_t worst = comm.allreduce_max(mine);
+  if (worst == 0) return;
+  const bool reports = mine == worst;
+  const int failed_rank = comm.size() - int(worst >> 8);
+  throw CollectiveFailure(reports ? error : "rank " + std::to_string(failed_rank) + " failed",
+                          reports, int(worst & 0xff));
 }
 
 // Throws shardprop::Error naming `what` unless an MPI call returned MPI_SUCCESS.
 void check_mpi(int rc, const char* what);
 
-// A duplicate of an MPI communicator (errors returned, not fatal). Move-only. Freeing a
-// communicator is collective, so it happens in free(), never in the destructor; one that
-// was not freed is reclaimed by MPI_Finalize.
+// A duplicate of an MPI communicator, with errors returned instead of fatal. Move-only; the
+// destructor frees the duplicate (MPI_Comm_free only marks it for deallocation and waits for
+// no other rank, so this is safe while an exception unwinds).
 class MpiComm final : public Communicator {
  public:
   explicit MpiComm(MPI_Comm parent = MPI_COMM_WORLD);
@@ -95,10 +126,8 @@ class MpiComm final : public Communicator {
   MpiComm& operator=(MpiComm&& other) noexcept;
   MpiComm(const MpiComm&) = delete;
   MpiComm& operator=(const MpiComm&) = delete;
-  ~MpiComm() override = default;
+  ~MpiComm() override;
 
-  // Collective: releases the duplicate.
-  void free();
   // From now on every collective that has not completed `seconds` after it started throws
   // CollectiveTimeout on this rank (a rank may be stopped or hung); 0 waits forever. With
   // a timeout, collectives are the nonblocking kind, which never match blocking ones, so
@@ -110,24 +139,18 @@ class MpiComm final : public Communicator {
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
-  void allreduce_sum(std::span<float> data) override;
-  void allreduce_sum(std::span<double> data) override;
-  // MPI_Iallreduce; a failed or abandoned step leaves requests that MPI_Finalize or
-  // MPI_Abort reclaim (never a wait in the destructor).
-  void start_allreduce_sum(std::span<float> data) override;
-  void allreduce_sum(std::span<std::int64_t> data) override;
-  void start_allreduce_sum(std::span<double> data) override;
-  void start_allreduce_sum(std::span<std::int64_t> data) override;
   void progress() override;
+  // A failed or abandoned step leaves requests that MPI_Finalize or MPI_Abort reclaim
+  // (never a wait in the destructor).
   void wait_all() override;
-  std::int64_t allreduce_max(std::int64_t value) override;
-  void allreduce_max(std::span<double> data) override;
-  void broadcast(std::span<std::byte> data, int root) override;
+
+ protected:
+  void allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op) override;
+  void start_allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op) override;
+  void broadcast_bytes(void* data, std::size_t bytes, int root) override;
 
  private:
-  // A blocking in-place MPI_Allreduce (or its nonblocking form under a timeout).
-  void allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op);
-  void start(void* data, std::size_t count, MPI_Datatype type);
+  void release() noexcept;
   // Waits for `requests`, or throws CollectiveTimeout once the timeout has passed.
   void complete(std::span<MPI_Request> requests, const char* what);
   // A blocking collective: started by `start` (an MPI_I... call) and completed.
@@ -138,28 +161,6 @@ class MpiComm final : public Communicator {
   std::vector<MPI_Request> pending_;
   double timeout_s_ = 0;
   int rank_ = 0, size_ = 1, ranks_on_node_ = 1;
-};
-
-// P in-process ranks for tests: member(r) is rank r's endpoint; each must be used from its own
-// thread, and all members must take part in every collective. Sums add the ranks' values in
-// rank order, so every member gets identical results.
-class LocalGroup {
- public:
-  explicit LocalGroup(int size);
-  ~LocalGroup();
-  Communicator& member(int rank);
-
- private:
-  class Member;
-  friend class Member;
-  template <class T, class Op>
-  void allreduce(int rank, std::span<T> data, Op op);
-
-  int size_;
-  std::barrier<> barrier_;
-  std::vector<const void*> slots_;
-  std::vector<std::vector<std::byte>> scratch_;  // per member; grows, never shrinks
-  std::vector<std::unique_ptr<Member>> members_;
 };
 
 }  // namespace shardprop

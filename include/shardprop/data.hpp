@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -40,12 +41,28 @@ void write_dataset(const std::string& path, const Dataset& data);
 void write_predictions(const std::string& path, std::span<const std::int32_t> predictions,
                        const AlignedVector<float>& outputs, std::size_t k);
 
+// A predict run's output: the predicted class of each sample and the model's outputs.
+struct Predictions {
+  std::vector<std::int32_t> classes;
+  AlignedVector<float> outputs;  // rows × k
+  std::size_t k = 0;
+};
+// Reads what write_predictions wrote (HDF5 or CSV, by the name).
+Predictions read_predictions(const std::string& path);
+// Whether `path` holds predictions (an HDF5 file with `predictions`, or a CSV file whose
+// header starts with "prediction").
+bool is_predictions_file(const std::string& path);
+// Checks that predictions may be written to `path` (flag `flag`): a .h5 or .csv name, an
+// existing directory, and no file there but an earlier prediction. Throws UsageError.
+void check_predictions_path(const std::string& flag, const std::string& path);
+
 // Reads IDX image and label files (gzip or plain), as MNIST and Fashion-MNIST ship them;
 // pixels are scaled to [0, 1].
 Dataset read_idx(const std::string& images_path, const std::string& labels_path);
 // Reads a CSV file of numbers; column `label_column` (0-based) holds integer class labels,
-// every other column is a feature. A first line that is not numeric is taken as a header.
-Dataset read_csv(const std::string& path, std::size_t label_column);
+// every other column is a feature; without a label column every column is a feature. A first
+// line that is not numeric is taken as a header.
+Dataset read_csv(const std::string& path, std::optional<std::size_t> label_column);
 
 // Checks that `data` fits `spec`: feature width, label range or target width (if any).
 void check_fits(const Dataset& data, const ModelSpec& spec, const std::string& name);
@@ -63,11 +80,13 @@ void epoch_permutation(std::size_t n, std::uint64_t seed, std::uint64_t epoch,
 Rng epoch_rng(std::uint64_t seed, std::uint64_t epoch);
 
 // Rank `rank`'s contiguous slice [begin, end) of a global batch of `rows` samples split
-// over `size` ranks; slices differ in length by at most one, and may be empty.
+// over `size` ranks; slices differ in length by at most one, and may be empty. With
+// `chunk` > 0 (the deterministic mode) the batch's chunks of that many rows are dealt out
+// in contiguous runs instead, so that slice edges fall on chunk edges.
 struct Range {
   std::size_t begin = 0, end = 0;
   std::size_t size() const { return end - begin; }
 };
-Range shard_range(std::size_t rows, int rank, int size);
+Range shard_range(std::size_t rows, int rank, int size, std::size_t chunk = 0);
 
 }  // namespace shardprop

@@ -6,6 +6,7 @@
 #include <string_view>
 
 #include "shardprop/params.hpp"
+#include "shardprop/settings.hpp"
 
 namespace shardprop {
 
@@ -21,6 +22,9 @@ struct OptimizerConfig {
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;  // adam
 };
 
+// The optimizer a run's settings describe (the base learning rate as lr).
+OptimizerConfig optimizer_config(const Settings& settings);
+
 // SGD with momentum (v ← μv + g; w ← w − lr·v) or Adam (bias-corrected moments).
 // Its state (velocity, or first and second moments) is one flat buffer plus a step count.
 class Optimizer {
@@ -32,10 +36,10 @@ class Optimizer {
 
   const OptimizerConfig& config() const { return config_; }
   void set_lr(double lr) { config_.lr = lr; }
-  std::span<float> state() { return state_; }
   std::span<const float> state() const { return state_; }
   std::uint64_t steps() const { return steps_; }
-  void set_steps(std::uint64_t steps) { steps_ = steps; }
+  // Takes a saved state (same size) and step count.
+  void restore(std::span<const float> state, std::uint64_t steps);
 
  private:
   OptimizerConfig config_;

@@ -38,9 +38,14 @@ struct ModelSpec {
   std::size_t parameter_count() const;
 };
 
-// Parses `width[:activation],...` (first entry is the input width and takes no activation;
-// hidden entries default to relu, the last one to softmax) and checks that `loss` fits the
-// output activation: xent needs softmax, bce needs sigmoid, mse needs identity.
+// Parses `width[:activation],...`: the first entry is the input width and takes no
+// activation; hidden entries default to relu, the last one to softmax. Throws UsageError.
+std::vector<LayerSpec> parse_layers(std::string_view layers);
+// The `--layers` text of `layers` (round-trips through parse_layers).
+std::string layers_string(const std::vector<LayerSpec>& layers);
+
+// parse_layers, then checks that `loss` fits the output activation: xent needs softmax, bce
+// needs sigmoid, mse needs identity. Throws UsageError.
 ModelSpec parse_model(std::string_view layers, std::string_view loss);
 
 }  // namespace shardprop

@@ -13,26 +13,28 @@
 #include "fuzz_util.hpp"
 #include "shardprop/checkpoint.hpp"
 #include "shardprop/error.hpp"
+#include "shardprop/settings.hpp"
 
 namespace sp = shardprop;
 
 namespace {
 
-constexpr std::array kAttributes = {
-    // {object, attribute}
-    std::pair{".", "format"},          std::pair{".", "format_version"},
-    std::pair{".", "layers"},          std::pair{".", "loss"},
-    std::pair{".", "step"},            std::pair{".", "epoch"},
-    std::pair{".", "batch_in_epoch"},  std::pair{".", "world_size"},
-    std::pair{".", "threads"},         std::pair{".", "checksum_crc32"},
-    std::pair{"optimizer", "kind"},    std::pair{"optimizer", "lr"},
-    std::pair{"optimizer", "momentum"}, std::pair{"optimizer", "weight_decay"},
-    std::pair{"optimizer", "beta1"},   std::pair{"optimizer", "steps"},
-    std::pair{"train", "batch"},       std::pair{"train", "epochs"},
-    std::pair{"train", "max_steps"},   std::pair{"train", "seed"},
-    std::pair{"train", "eval_batch"},  std::pair{"train", "lr_schedule"},
-    std::pair{"train", "train_rows"},  std::pair{"train", "train_cols"},
-};
+// {object, attribute}: the training state's, then every stored setting's from the table.
+std::vector<std::pair<std::string, std::string>> attributes() {
+  std::vector<std::pair<std::string, std::string>> all = {
+      {".", "format"},     {".", "format_version"}, {".", "step"},
+      {".", "epoch"},      {".", "batch_in_epoch"}, {".", "world_size"},
+      {".", "threads"},    {".", "checksum_crc32"}, {"optimizer", "steps"},
+      {"train", "train_rows"}, {"train", "train_cols"}, {"train", "deterministic_chunk"},
+  };
+  for (const sp::SettingSpec& s : sp::settings_table()) {
+    if (!s.attribute) continue;
+    const std::string a = s.attribute;
+    const std::size_t slash = a.rfind('/');
+    all.emplace_back(slash == 0 ? "." : a.substr(1, slash - 1), a.substr(slash + 1));
+  }
+  return all;
+}
 constexpr std::array kObjects = {
     "params",          "params/layer_0",          "params/layer_0/W", "params/layer_0/b",
     "params/layer_1/W", "optimizer",              "optimizer/velocity", "optimizer/m",
@@ -47,13 +49,15 @@ sp::Checkpoint valid(FuzzedDataProvider& in) {
                              : sp::parse_model("2,3:relu,1:sigmoid", "bce");
   const sp::Layout layout(c.spec);
   c.has_training_state = true;
-  c.config.optimizer.kind = adam ? sp::OptimizerKind::adam : sp::OptimizerKind::sgd;
+  c.settings.layers = c.spec.layers_string();
+  c.settings.loss = std::string(sp::to_string(c.spec.loss));
+  c.settings.optimizer = adam ? "adam" : "sgd";
   c.params.assign(layout.size(), 0.25f);
-  c.optimizer_state.assign(sp::optimizer_slots(c.config.optimizer.kind).size() * layout.size(),
-                           0.5f);
+  c.optimizer_state.assign(
+      sp::optimizer_slots(sp::parse_optimizer(c.settings.optimizer)).size() * layout.size(), 0.5f);
   c.train_rows = 10;
   c.train_cols = c.spec.input_width();
-  c.config.batch = 4;
+  c.settings.batch = 4;
   c.state.step = c.optimizer_steps = 7;
   c.state.epoch = 2;
   c.state.batch_in_epoch = 1;
@@ -62,9 +66,10 @@ sp::Checkpoint valid(FuzzedDataProvider& in) {
 }
 
 void set_attribute(hid_t file, FuzzedDataProvider& in) {
-  const auto picked = in.PickValueInArray(kAttributes);
-  const char* object = picked.first;
-  const char* name = picked.second;  // a lambda below uses it; clang 14 cannot capture bindings
+  static const auto all = attributes();
+  const auto& picked = all[in.ConsumeIntegralInRange<std::size_t>(0, all.size() - 1)];
+  const char* object = picked.first.c_str();
+  const char* name = picked.second.c_str();
   const hid_t where = H5Oopen(file, object, H5P_DEFAULT);
   if (where < 0) return;
   if (H5Aexists(where, name) > 0) H5Adelete(where, name);
@@ -149,7 +154,8 @@ void check_consistent(const sp::Checkpoint& c) {
   const sp::Layout layout(c.spec);
   if (c.params.size() != layout.size()) std::abort();
   if (c.has_training_state &&
-      c.optimizer_state.size() != sp::optimizer_slots(c.config.optimizer.kind).size() * layout.size()) {
+      c.optimizer_state.size() !=
+          sp::optimizer_slots(sp::parse_optimizer(c.settings.optimizer)).size() * layout.size()) {
     std::abort();
   }
 }

@@ -1,8 +1,10 @@
-// RAII handles and checked helpers for the HDF5 C API.
+// RAII handles and checked helpers for the HDF5 C API (private: library users never see
+// <hdf5.h>).
 #pragma once
 
 #include <hdf5.h>
 
+#include <cstdint>
 #include <span>
 #include <string>
 #include <utility>
@@ -41,17 +43,22 @@ class Handle {
 
 // Opens an existing file read-only; distinct errors for a missing file and a non-HDF5 file.
 Handle open_file(const std::string& path);
+// Opens the HDF5 file whose bytes are `image` (copied), read-only; `name` in messages.
+Handle open_image(std::span<const std::byte> image, const std::string& name);
 // Creates a file in memory, named `path` in messages; nothing reaches the disk until
-// store().
+// store() or image().
 Handle create_file(const std::string& path);
+// Closes an in-memory file and returns its bytes.
+std::vector<std::byte> image(Handle& file, const std::string& path);
 // Flushes and closes `file` and writes its bytes to `path` with POSIX calls, so a failure
 // names its cause (a full disk says "No space left on device"). Replaces `path`.
 void store(Handle& file, const std::string& path);
-// Writes `bytes` to `path` (created or truncated) with POSIX calls; throws naming the file
-// and the cause, also for an error only close() reports. Used for non-HDF5 files too.
-void write_bytes(const std::string& path, std::span<const std::byte> bytes);
 bool has_link(hid_t where, const std::string& name);
+// Whether every link on the way to `name` ("a/b/c") exists.
+bool has_path(hid_t file, const std::string& name);
 Handle open_dataset(hid_t file, const std::string& name, const std::string& file_name);
+Handle create_group(hid_t where, const std::string& name);
+Handle open_group(hid_t file, const std::string& name, const std::string& path);
 
 // A dataset's type class (H5T_INTEGER, H5T_FLOAT, ...) and dimensions.
 struct DatasetInfo {
@@ -65,5 +72,33 @@ void read_all(hid_t dataset, hid_t mem_type, void* out, const std::string& what)
 // Writes a new dataset of file type `file_type` with the given dimensions from `data`.
 void write_dataset(hid_t where, const std::string& name, hid_t file_type, hid_t mem_type,
                    const std::vector<hsize_t>& dims, const void* data);
+
+// Scalar attributes.
+void write_attr(hid_t where, const char* name, const std::string& value);
+void write_attr(hid_t where, const char* name, std::int64_t value);
+void write_attr(hid_t where, const char* name, std::uint64_t value);
+void write_attr(hid_t where, const char* name, double value);
+
+// Reads the scalar attributes of one object, naming the file and object in every error.
+class AttrReader {
+ public:
+  AttrReader(hid_t where, std::string file, std::string object)
+      : where_(where), file_(std::move(file)), object_(std::move(object)) {}
+  std::string text(const char* name) const;
+  std::int64_t int64(const char* name) const;
+  // A non-negative integer, stored signed or unsigned.
+  std::uint64_t count(const char* name) const;
+  double real(const char* name) const;
+  bool has(const char* name) const;
+
+ private:
+  std::string where(const char* name) const;
+  Handle open(const char* name) const;
+  template <class T>
+  T number(const char* name, hid_t mem_type) const;
+
+  hid_t where_;
+  std::string file_, object_;
+};
 
 }  // namespace shardprop::h5

@@ -1,0 +1,107 @@
+// `shardprop train`: settings → checkpointer (resume and merge) → data → trainer → report.
+#include <sched.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <oneapi/tbb/global_control.h>
+#include <oneapi/tbb/task_arena.h>
+#include <optional>
+#include <thread>
+
+#include "commands.hpp"
+#include "report.hpp"
+#include "shardprop/checkpoint.hpp"
+#include "shardprop/data.hpp"
+#include "shardprop/error.hpp"
+#include "shardprop/train.hpp"
+
+namespace shardprop::app {
+
+namespace {
+
+// The cores this process may run on (mpirun may have bound it to fewer than the node has).
+int cores_here() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) != 0) return int(std::thread::hardware_concurrency());
+  return std::max(1, CPU_COUNT(&set));
+}
+
+}  // namespace
+
+int run_train(const Settings& cli, const GivenFlags& given, MpiComm& comm) {
+  const bool speak = comm.rank() == 0;
+  // Start-up is checked collectively: a bad flag, file or value stops every rank, and only
+  // the lowest failing rank says why.
+  Checkpointer checkpointer(comm, cli, given);
+  const Settings& s = checkpointer.settings();
+  comm.set_timeout(s.collective_timeout);  // a resume may bring another
+  if (speak) {
+    if (s.resume == "auto" && !checkpointer.resumed()) {
+      std::printf("no checkpoint in %s yet: starting a new run\n", s.checkpoint_dir.c_str());
+    }
+    for (const std::string& why : checkpointer.skipped()) {
+      std::fprintf(stderr, "shardprop: warning: skipping a checkpoint that does not verify: %s\n",
+                   why.c_str());
+    }
+  }
+  Dataset train, test;
+  collective_check(comm, [&] {
+    SP_CHECK_USAGE(!s.train.empty(), "--train is required");
+    const ModelSpec spec = parse_model(s.layers, s.loss);
+    train = read_dataset(s.train);
+    check_fits(train, spec, s.train);
+    if (const auto& c = checkpointer.resumed()) {
+      SP_CHECK(train.rows == c->train_rows && train.cols == c->train_cols, s.train, ": ",
+               train.rows, " samples of ", train.cols, " features, but the checkpoint was "
+               "trained on ", c->train_rows, " of ", c->train_cols,
+               " (the sample order depends on the training set)");
+    }
+    if (!s.test.empty()) {
+      test = read_dataset(s.test);
+      check_fits(test, spec, s.test);
+    }
+  });
+
+  // --threads is honoured as given: the arena has that many slots even where mpirun bound
+  // the rank to fewer cores (the header says so).
+  const int node_cores = std::max(1, int(std::thread::hardware_concurrency()));
+  const int threads = s.threads > 0 ? int(s.threads)
+                                    : std::max(1, node_cores / comm.ranks_on_node());
+  const oneapi::tbb::global_control limit(
+      oneapi::tbb::global_control::max_allowed_parallelism, std::size_t(threads));
+  oneapi::tbb::task_arena arena(threads);
+  arena.execute([&] {
+    std::optional<Trainer> trainer;
+    collective_check(comm, [&] {
+      trainer.emplace(s, comm, train);
+      if (const auto& c = checkpointer.resumed()) trainer->restore(*c);
+    });
+    const Dataset* test_set = s.test.empty() ? nullptr : &test;
+    if (speak) {
+      print_run_header({comm.size(), threads, cores_here(), gemm_backend()}, *trainer, test_set,
+                       checkpointer);
+    }
+    // Open MPI hands its ranks a pseudo-terminal even when mpirun's own output is a file, so
+    // under mpirun "auto" cannot see the real terminal; launch scripts pass always/never.
+    const bool under_mpirun = std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr;
+    const bool progress = s.progress == "always" ||
+                          (s.progress == "auto" && !under_mpirun && isatty(STDOUT_FILENO));
+    std::optional<Reporter> reporter;
+    collective_check(comm, [&] {
+      reporter.emplace(speak, progress, comm.size(), threads, s.metrics,
+                       checkpointer.resumed().has_value());
+    });
+    if (speak && !trainer->steps_left()) {
+      std::printf("nothing to train: step %llu, %s of %s done\n",
+                  (unsigned long long)trainer->state().step,
+                  count_of(trainer->state().epoch, "epoch").c_str(),
+                  std::to_string(s.epochs).c_str());
+    }
+    trainer->run(test_set, *reporter, &checkpointer);
+  });
+  return 0;
+}
+
+}  // namespace shardprop::app

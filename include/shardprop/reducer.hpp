@@ -1,0 +1,82 @@
+// How a gradient is reduced across the ranks. Backward hands each layer's input and δ to a
+// GradReducer as soon as they are final, from the last layer down; the reducer computes the
+// layer's gradient sums over this rank's rows and starts their reduction while the layers
+// below still compute, as PyTorch DDP's reducer sits behind backward. Two reducers exist:
+//   - the default one sums in float and reduces each layer with MPI_Iallreduce (or, without
+//     overlap, the whole gradient at once after backward);
+//   - the fixed-point one (--deterministic) sums each chunk's gradient as integers at a
+//     fixed point every rank agrees on, so the result is the same bits for any number of
+//     ranks and threads (docs/reproducibility.md).
+// Either way the result is the mean gradient of the global minibatch on every rank.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include "shardprop/comm.hpp"
+#include "shardprop/function_ref.hpp"
+#include "shardprop/loss.hpp"
+#include "shardprop/params.hpp"
+
+namespace shardprop {
+
+// The reduced statistics of a global minibatch.
+struct MinibatchStats {
+  double loss_sum = 0;
+  double correct = 0;
+  double samples = 0;
+  int nonfinite_layer = -1;  // the first layer whose mean gradient holds NaN or Inf
+};
+
+// Loss and accuracy over a data set (or a minibatch).
+struct EvalStats {
+  double loss = 0, accuracy = 0;
+  std::size_t samples = 0;
+};
+
+// Seconds spent in the parts of training steps, summed over steps.
+struct StepTimes {
+  double compute = 0;    // forward and backward of this rank's shard
+  double allreduce = 0;  // waiting for the gradient's reduction
+  double total = 0;      // whole steps (gather, compute, reduction, checks, optimizer)
+  std::uint64_t steps = 0;
+};
+
+template <class T>
+class GradReducer {
+ public:
+  virtual ~GradReducer() = default;
+
+  // The rows per chunk that forward and backward must use (0: split by threads).
+  virtual std::size_t chunk() const = 0;
+  // A new global minibatch of `global_rows` rows, of which this rank holds `rows`.
+  virtual void begin(std::size_t rows, std::size_t global_rows) = 0;
+  // The loss sums of this rank's rows, one entry per chunk (chunk_count(rows, chunk())).
+  virtual void loss(std::span<const LossSums> sums) = 0;
+  // Layer l's input (rows, in) and δ (rows, out) are final: computes the gradient sums of
+  // its W and b and starts reducing them. Called for every layer, last to first.
+  virtual void layer(std::size_t l, ConstMatrixView<T> input, ConstMatrixView<T> delta) = 0;
+  // Lets started reductions advance; backward calls it between its kernels.
+  virtual void progress() = 0;
+  // Starts the statistics' reduction, runs before_wait() (work that overlaps the wait),
+  // waits, and divides by the global sample count. gradient() then holds the mean gradient
+  // of the global minibatch, the same on every rank; a NaN or Inf in it or in the loss is
+  // reported in the returned stats. Adds its times to `times` if given.
+  virtual MinibatchStats finish(Callback before_wait = {}, StepTimes* times = nullptr) = 0;
+  // The mean gradient after finish(), in the parameters' layout (padding zero).
+  virtual std::span<const T> gradient() const = 0;
+
+  // Evaluation: the sums over all ranks of per-chunk loss sums `parts` covering this rank's
+  // `rows` rows, of `terms` chunks in all; summed as training sums them.
+  virtual EvalStats reduce_losses(std::span<const LossSums> parts, std::size_t rows,
+                                  std::size_t terms) = 0;
+};
+
+// The reducer of a training mode: with chunk > 0 the fixed-point one (float only), else the
+// default one, reducing per layer while backward goes on (overlap) or once after it.
+template <class T>
+std::unique_ptr<GradReducer<T>> make_reducer(const Layout& layout, Communicator& comm,
+                                             std::size_t chunk, bool overlap = true);
+
+}  // namespace shardprop

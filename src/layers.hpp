@@ -1,0 +1,63 @@
+// Dense-layer and activation kernels, threaded with oneTBB (private). Batches are row-major:
+// one sample per row. Shapes are given as (rows, columns).
+//
+// `chunk` selects how the rows of a batch are shared between threads: 0 splits them into
+// one block per thread; > 0 (the deterministic mode) cuts them into fixed chunks of that
+// many rows, each computed by one single-threaded call that depends on its rows and the
+// shapes alone, whichever thread runs it (fixed_point.hpp).
+#pragma once
+
+#include <cstdint>
+
+#include "shardprop/function_ref.hpp"
+#include "shardprop/params.hpp"
+#include "shardprop/spec.hpp"
+
+namespace shardprop {
+
+// Workspace of the chunked kernels: the weights packed once per product, and each chunk's
+// packed rows. Sized by reserve(); later calls within those sizes allocate nothing.
+template <class T>
+struct ChunkScratch {
+  AlignedVector<T> packed_w, packed_rows;
+  // For batches of up to `rows` rows in chunks of `chunk` (0: nothing to do), weights of up
+  // to `weights` values and layers up to `width` wide.
+  void reserve(std::size_t rows, std::size_t chunk, std::size_t weights, std::size_t width);
+};
+
+// out = act(x·w + b). x (rows, in), w (in, out), b (out), out (rows, out). The model passes
+// identity for its output layer, whose activation is fused with the loss.
+template <class T>
+void dense_forward(ConstMatrixView<T> x, ConstMatrixView<T> w, ConstRowVectorView<T> b,
+                   Activation act, MatrixView<T> out, std::size_t chunk, ChunkScratch<T>& scratch);
+
+// dx = (delta·wᵀ) ⊙ act'(a_prev), the δ of the previous layer, whose activation `act_prev`
+// produced a_prev. delta (rows, out), w (in, out), a_prev and dx (rows, in).
+template <class T>
+void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
+                          ConstMatrixView<T> a_prev, Activation act_prev, MatrixView<T> dx,
+                          std::size_t chunk, ChunkScratch<T>& scratch);
+
+// dw = xᵀ·delta and db = column sums of delta (the summed bias rows); both are written, not
+// added to, so the caller need not clear them first (0 rows give zeros).
+// x (rows, in), delta (rows, out), dw (in, out), db (out). Split over output columns, so
+// no thread ever writes another's columns and no per-thread reduction is needed.
+// With `progress`, the columns go in a few consecutive parts and progress() runs on the
+// calling thread after each (to let communication advance); the sums are the same.
+template <class T>
+void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, MatrixView<T> dw,
+                           RowVectorView<T> db, Callback progress = {});
+
+// Runs body(c) for c in [0, chunks), in parallel, each on one thread.
+void for_each_chunk(std::size_t chunks, FunctionRef<std::size_t> body);
+
+// Applies an elementwise activation in place (identity, sigmoid, tanh, relu).
+template <class T>
+void activate(Activation act, Eigen::Ref<RowMatrix<T>> z);
+
+// dx ⊙= act'(a), the derivative written in terms of the activation's output a.
+template <class T>
+void activation_derivative_mul(Activation act, Eigen::Ref<const RowMatrix<T>> a,
+                               Eigen::Ref<RowMatrix<T>> dx);
+
+}  // namespace shardprop

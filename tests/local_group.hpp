@@ -1,0 +1,106 @@
+// P in-process ranks for single-process tests of the reduction: threads standing in for
+// MPI ranks, each with a Communicator of its own. Sums add the ranks' values in rank order,
+// so every rank gets identical results.
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "shardprop/comm.hpp"
+
+namespace shardprop::testing {
+
+class LocalGroup {
+ public:
+  explicit LocalGroup(int size) : size_(size), barrier_(size), slots_(std::size_t(size)) {
+    SP_CHECK(size > 0, "LocalGroup size must be positive, got ", size);
+    for (int r = 0; r < size; ++r) members_.push_back(std::make_unique<Member>(*this, r));
+  }
+
+  // Rank r's endpoint; each must be used from its own thread, and all members must take
+  // part in every collective.
+  Communicator& member(int rank) { return *members_.at(std::size_t(rank)); }
+
+ private:
+  class Member final : public Communicator {
+   public:
+    Member(LocalGroup& group, int rank) : group_(group), rank_(rank) {}
+    int rank() const override { return rank_; }
+    int size() const override { return group_.size_; }
+
+   protected:
+    void allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op) override {
+      if (type == MPI_FLOAT) return group_.reduce<float>(rank_, data, count, op, scratch_);
+      if (type == MPI_DOUBLE) return group_.reduce<double>(rank_, data, count, op, scratch_);
+      if (type == MPI_INT64_T) return group_.reduce<std::int64_t>(rank_, data, count, op, scratch_);
+      if (type == MPI_UINT64_T) {
+        return group_.reduce<std::uint64_t>(rank_, data, count, op, scratch_);
+      }
+      if (type == MPI_INT32_T) return group_.reduce<std::int32_t>(rank_, data, count, op, scratch_);
+      SP_THROW("LocalGroup: unsupported datatype");
+    }
+    void broadcast_bytes(void* data, std::size_t bytes, int root) override {
+      group_.slots_[std::size_t(rank_)] = data;
+      group_.barrier_.arrive_and_wait();
+      if (rank_ != root) std::memcpy(data, group_.slots_[std::size_t(root)], bytes);
+      group_.barrier_.arrive_and_wait();
+    }
+
+   private:
+    LocalGroup& group_;
+    int rank_;
+    std::vector<std::byte> scratch_;  // grows, never shrinks
+  };
+
+  template <class T>
+  void reduce(int rank, void* data, std::size_t count, MPI_Op op, std::vector<std::byte>& scratch) {
+    SP_CHECK(op == MPI_SUM || op == MPI_MAX, "LocalGroup: unsupported operation");
+    slots_[std::size_t(rank)] = data;
+    if (scratch.size() < count * sizeof(T)) scratch.resize(count * sizeof(T));
+    T* result = reinterpret_cast<T*>(scratch.data());
+    barrier_.arrive_and_wait();
+    std::copy_n(static_cast<const T*>(slots_[0]), count, result);
+    for (std::size_t r = 1; r < slots_.size(); ++r) {
+      const T* contribution = static_cast<const T*>(slots_[r]);
+      for (std::size_t i = 0; i < count; ++i) {
+        result[i] = op == MPI_SUM ? result[i] + contribution[i] : std::max(result[i], contribution[i]);
+      }
+    }
+    barrier_.arrive_and_wait();  // everyone has read every contribution
+    std::copy_n(result, count, static_cast<T*>(data));
+  }
+
+  int size_;
+  std::barrier<> barrier_;
+  std::vector<void*> slots_;
+  std::vector<std::unique_ptr<Member>> members_;
+};
+
+// Runs fn(comm) on `ranks` in-process ranks, one thread each, and waits for all of them;
+// rethrows the lowest rank's exception, if any.
+template <class Fn>
+void run_ranks(int ranks, Fn&& fn) {
+  LocalGroup group(ranks);
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(ranks));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        fn(group.member(r));
+      } catch (...) {
+        errors[std::size_t(r)] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+}  // namespace shardprop::testing
