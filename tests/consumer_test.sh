@@ -5,6 +5,8 @@
 # The exported package names its dependencies by find_dependency, never by this build
 # machine's library paths.
 # usage: consumer_test.sh BUILD_DIR MPIEXEC [MPIEXEC FLAGS...]
+# Environment: CONSUMER_CXX_FLAGS, compile and link flags of the consumer (the sanitizers of
+# a sanitizer build).
 set -euo pipefail
 build=$1
 shift
@@ -87,6 +89,7 @@ int main(int argc, char** argv) {
 }
 CPP
 cmake -S "$work/consumer" -B "$work/consumer/build" -DCMAKE_PREFIX_PATH="$work/prefix" \
+  -DCMAKE_CXX_FLAGS="${CONSUMER_CXX_FLAGS:-}" -DCMAKE_EXE_LINKER_FLAGS="${CONSUMER_CXX_FLAGS:-}" \
   > "$work/configure.log" 2>&1 || { cat "$work/configure.log"; exit 1; }
 cmake --build "$work/consumer/build" > "$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
 "${mpirun[@]}" -np 2 "$work/consumer/build/consumer" "$work/model.h5" | tee "$work/run.txt"
