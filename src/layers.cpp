@@ -112,25 +112,39 @@ void activation_derivative_mul(Activation act, Eigen::Ref<const RowMatrix<T>> a,
   }
 }
 
+namespace {
+
+// out = in·op(w) row by row, split as `chunk` says (row blocks, one per thread, or fixed
+// chunks), then finish(r0, n) on the rows [r0, r0 + n) just computed, on the same thread.
+// w is (k, m) for Op::none and (m, k) for Op::transpose; in (rows, k), out (rows, m).
 template <class T>
-void dense_forward(ConstMatrixView<T> x, ConstMatrixView<T> w, ConstRowVectorView<T> b,
-                   Activation act, MatrixView<T> out, std::size_t chunk, ChunkScratch<T>& scratch) {
-  const auto rows = static_cast<std::size_t>(x.rows());
-  // z = x·w (done), then z += b and the activation, on the rows [r0, r0 + n) just computed.
-  const auto finish = [&](std::size_t r0, std::size_t n) {
-    auto z = out.middleRows(Eigen::Index(r0), Eigen::Index(n));
-    z.rowwise() += b;
-    activate<T>(act, z);
-  };
+void row_products(ConstMatrixView<T> in, ConstMatrixView<T> w, Op op_w, MatrixView<T> out,
+                  std::size_t chunk, ChunkScratch<T>& scratch,
+                  FunctionRef<std::size_t, std::size_t> finish) {
+  const auto rows = static_cast<std::size_t>(in.rows());
   if (chunk > 0) {
-    chunked_product<T>(w.data(), false, std::size_t(w.cols()), std::size_t(w.rows()), x.data(),
-                       out.data(), rows, chunk, scratch, finish);
+    chunked_product<T>(w.data(), op_w == Op::transpose, std::size_t(out.cols()),
+                       std::size_t(in.cols()), in.data(), out.data(), rows, chunk, scratch,
+                       finish);
     return;
   }
   for_blocks(rows, block_size(rows, kMinRows, 1), [&](std::size_t r0, std::size_t r1) {
-    gemm::multiply<T>(Op::none, Op::none, T(1), rows_of(x, r0, r1 - r0), whole(w), T(0),
+    gemm::multiply<T>(Op::none, op_w, T(1), rows_of(in, r0, r1 - r0), whole(w), T(0),
                       rows_of(out, r0, r1 - r0));
     finish(r0, r1 - r0);
+  });
+}
+
+}  // namespace
+
+template <class T>
+void dense_forward(ConstMatrixView<T> x, ConstMatrixView<T> w, ConstRowVectorView<T> b,
+                   Activation act, MatrixView<T> out, std::size_t chunk, ChunkScratch<T>& scratch) {
+  // z = x·w, then z += b and the activation.
+  row_products<T>(x, w, Op::none, out, chunk, scratch, [&](std::size_t r0, std::size_t n) {
+    auto z = out.middleRows(Eigen::Index(r0), Eigen::Index(n));
+    z.rowwise() += b;
+    activate<T>(act, z);
   });
 }
 
@@ -138,21 +152,10 @@ template <class T>
 void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
                           ConstMatrixView<T> a_prev, Activation act_prev, MatrixView<T> dx,
                           std::size_t chunk, ChunkScratch<T>& scratch) {
-  const auto rows = static_cast<std::size_t>(delta.rows());
-  // dx = δ·wᵀ (done), then ⊙ act'(a_prev), on the rows [r0, r0 + n) just computed.
-  const auto finish = [&](std::size_t r0, std::size_t n) {
+  // dx = δ·wᵀ, then ⊙ act'(a_prev).
+  row_products<T>(delta, w, Op::transpose, dx, chunk, scratch, [&](std::size_t r0, std::size_t n) {
     const auto r = Eigen::Index(r0), k = Eigen::Index(n);
     activation_derivative_mul<T>(act_prev, a_prev.middleRows(r, k), dx.middleRows(r, k));
-  };
-  if (chunk > 0) {
-    chunked_product<T>(w.data(), true, std::size_t(w.rows()), std::size_t(w.cols()), delta.data(),
-                       dx.data(), rows, chunk, scratch, finish);
-    return;
-  }
-  for_blocks(rows, block_size(rows, kMinRows, 1), [&](std::size_t r0, std::size_t r1) {
-    gemm::multiply<T>(Op::none, Op::transpose, T(1), rows_of(delta, r0, r1 - r0), whole(w), T(0),
-                      rows_of(dx, r0, r1 - r0));
-    finish(r0, r1 - r0);
   });
 }
 

@@ -5,17 +5,9 @@
 # abort banner; --threads above the cores mpirun gave a rank is honoured and said; the
 # progress line shows samples/s and ETAs; the header's grammar.
 # usage: e2e_cli.sh SHARDPROP MAKE_BLOBS MPIEXEC [MPIEXEC FLAGS...]
-set -euo pipefail
-shardprop=$1 make_blobs=$2
-shift 2
-mpirun=("$@")
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# shellcheck source=tests/e2e_lib.sh
+. "$(dirname "$0")/e2e_lib.sh"
 cd "$work"
-fail() {
-  echo "FAIL: $*"
-  exit 1
-}
 
 "$make_blobs" train.h5 test.h5
 "${mpirun[@]}" -np 2 "$shardprop" train --train train.h5 --test test.h5 --layers 10,16,4 \

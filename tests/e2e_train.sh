@@ -2,12 +2,8 @@
 # End to end: `mpirun -np 2 shardprop train` on generated blobs reaches >= 95% test accuracy,
 # and writes one metrics line per epoch with the required keys (bad input: e2e_bad_input.sh).
 # usage: e2e_train.sh SHARDPROP MAKE_BLOBS MPIEXEC [MPIEXEC FLAGS...]
-set -euo pipefail
-shardprop=$1 make_blobs=$2
-shift 2
-mpirun=("$@")
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# shellcheck source=tests/e2e_lib.sh
+. "$(dirname "$0")/e2e_lib.sh"
 
 "$make_blobs" "$work/train.h5" "$work/test.h5"
 "${mpirun[@]}" -np 2 "$shardprop" train --train "$work/train.h5" --test "$work/test.h5" \
