@@ -50,8 +50,9 @@ for run in $(seq 1 "$runs"); do
                          s/^(fuzz_[a-z]+): FOUND A PROBLEM.*/\1 Failed/p' "$log")
     else
       stage_ctest "$s" --output-on-failure > "$log" 2>&1 || true
-      # "  12/89 Test #12: Name .....   Passed    0.01 sec" (or ***Failed, ***Timeout, ...)
-      results=$(sed -nE 's/^ *[0-9]+\/[0-9]+ Test +#[0-9]+: ([^ ]+) \.+ *(\*\*\*)?([A-Za-z]+).*/\1 \3/p' "$log")
+      # "  12/89 Test #12: Name [# GetParam() = ...] .....   Passed    0.01 sec" (or
+      # ***Failed, ***Timeout, ***Exception: SegFault, ...)
+      results=$(sed -nE 's/^ *[0-9]+\/[0-9]+ Test +#[0-9]+: ([^ ]+) .*[.] *(\*\*\*)?([A-Za-z]+)(: [A-Za-z]+)? +[0-9.]+ sec$/\1 \3/p' "$log")
     fi
     count=0 failed=0
     while read -r name result; do
