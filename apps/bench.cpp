@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "gemm.hpp"
 #include "layers.hpp"
 #include "shardprop/data.hpp"
 #include "shardprop/error.hpp"
@@ -63,26 +64,38 @@ std::string json_number(double v) {
 }
 
 std::string gemm_json(const Gemm& g) {
-  return "{\"eigen\": " + json_number(g.eigen) + ", \"openblas\": " +
-         (g.openblas > 0 ? json_number(g.openblas) : std::string("null")) + "}";
+  const std::vector<std::string> names = gemm_names();
+  std::string j = "{";
+  for (std::size_t i = 0; i < g.fp32.size(); ++i) {
+    j += "\"" + names[i] + "\": " + json_number(g.fp32[i]) + ", ";
+  }
+  return j + "\"bf16\": " + (g.bf16 > 0 ? json_number(g.bf16) : std::string("null")) +
+         ", \"limit\": " + json_number(g.limit()) + "}";
 }
 
-std::string to_json(const Gemm& start, const Gemm& end, const Gemm& both_start,
-                    const Gemm& both_end, const std::vector<Result>& results,
+struct WorkloadGemm {
+  std::string workload;
+  Gemm at_start, at_end, both_start, both_end;
+};
+
+std::string to_json(const std::vector<WorkloadGemm>& gemms, const std::vector<Result>& results,
                     const std::string& data, int cores) {
-  const Gemm g = Gemm::best(start, end);
   std::ostringstream j;
   j << "{\n  \"machine\": {\"cpu\": \"" << cpu_model() << "\", \"cores\": " << cores << "},\n";
   j << "  \"data\": \"" << data << "\",\n";
   j << "  \"training_gemm\": \"" << gemm_backend() << "\",\n";
-  j << "  \"gemm_1024_gflops_per_core\": {\"eigen\": " << json_number(g.eigen)
-    << ", \"openblas\": " << (g.openblas > 0 ? json_number(g.openblas) : "null")
-    << ", \"limit\": " << json_number(g.limit()) << ", \"at_start\": " << gemm_json(start)
-    << ", \"at_end\": " << gemm_json(end) << "},\n";
-  if (both_start.eigen > 0) {
-    j << "  \"gemm_1024_gflops_per_core_both_cores_busy\": {\"at_start\": " << gemm_json(both_start)
-      << ", \"at_end\": " << gemm_json(both_end) << "},\n";
+  j << "  \"step_gemm_gflops_per_core\": {";
+  for (std::size_t i = 0; i < gemms.size(); ++i) {
+    const WorkloadGemm& g = gemms[i];
+    j << (i ? ", " : "") << "\"" << g.workload << "\": {\"best\": "
+      << gemm_json(Gemm::best(g.at_start, g.at_end)) << ", \"at_start\": " << gemm_json(g.at_start)
+      << ", \"at_end\": " << gemm_json(g.at_end);
+    if (!g.both_start.fp32.empty()) {
+      j << ", \"both_cores_busy\": " << gemm_json(Gemm::best(g.both_start, g.both_end));
+    }
+    j << "}";
   }
+  j << "},\n";
   j << "  \"cases\": [\n";
   for (std::size_t i = 0; i < results.size(); ++i) {
     const Result& r = results[i];
@@ -113,31 +126,39 @@ int run(const Args& args, MpiComm& world) {
   collective_check(world, [&] { data = load_or_make(args.data_path, real); });
   const int cores = int(std::thread::hardware_concurrency());
 
-  // The single-core limit is measured before and after the training cases, and the better
-  // measurement of each library counts: this machine's speed drifts, and a limit taken at a
-  // slow moment alone would overstate every efficiency.
-  const auto measure = [&] {
+  const Workload workloads[] = {{"small", "784,256:relu,128:relu,10:softmax", 128},
+                                {"wide", "784,1024:relu,1024:relu,10:softmax", 256}};
+  // Each workload's limit: every backend's GEMM at the step's own shapes on one core,
+  // measured before and after the training cases; the better measurement of each backend
+  // counts (this machine's speed drifts, and a limit taken at a slow moment alone would
+  // overstate every efficiency), and the best backend is the limit.
+  std::vector<WorkloadGemm> gemms;
+  for (const Workload& w : workloads) gemms.push_back({w.name, {}, {}, {}, {}});
+  const auto measure = [&](std::size_t i) {
     Gemm g;
-    if (root) g = measure_gemm();
+    if (root) g = measure_gemm(workloads[i], workloads[i].batch);
     wait_for_rank0(world);  // rank 1 sleeps through the single-core measurement
     return g;
   };
-  // The same GEMM on both ranks at once, each on its own core: the mean per core. What two
-  // busy cores of this machine give against one.
-  const auto measure_both = [&] {
+  // The same products on both ranks at once, each on its own core, half the batch each (as
+  // a 2-rank step runs them): the mean per core. What two busy cores give against one.
+  const auto measure_both = [&](std::size_t i) {
     Gemm g;
     if (world.size() < 2) return g;
     world.allreduce_max(std::int64_t{0});
-    g = measure_gemm();
-    double sums[2] = {g.eigen, g.openblas};
+    g = measure_gemm(workloads[i], workloads[i].batch / 2);
+    std::vector<double> sums = g.fp32;
+    sums.push_back(g.bf16);
     world.allreduce_sum(std::span<double>(sums));
-    return Gemm{sums[0] / 2, sums[1] / 2};
+    for (std::size_t k = 0; k < g.fp32.size(); ++k) g.fp32[k] = sums[k] / 2;
+    g.bf16 = sums.back() / 2;
+    return g;
   };
-  const Gemm at_start = measure();
-  const Gemm both_at_start = measure_both();
+  for (std::size_t i = 0; i < gemms.size(); ++i) {
+    gemms[i].at_start = measure(i);
+    gemms[i].both_start = measure_both(i);
+  }
 
-  const Workload workloads[] = {{"small", "784,256:relu,128:relu,10:softmax", 128},
-                                {"wide", "784,1024:relu,1024:relu,10:softmax", 256}};
   std::vector<Result> results;
   for (const Workload& w : workloads) {
     // One rank: rank 0 alone (the other waits without using a core), 1 then 2 threads.
@@ -154,32 +175,51 @@ int run(const Args& args, MpiComm& world) {
       }
     }
   }
-  const Gemm at_end = measure();
-  const Gemm both_at_end = measure_both();
+  for (std::size_t i = 0; i < gemms.size(); ++i) {
+    gemms[i].at_end = measure(i);
+    gemms[i].both_end = measure_both(i);
+  }
   if (!root) return 0;
-  const Gemm gemm = Gemm::best(at_start, at_end);
-  const auto print_gemm = [](const char* where, const char* when, const Gemm& g) {
-    std::printf("GEMM 1024x1024x1024 float32 %s, %s: Eigen %.1f GFLOP/s", where, when, g.eigen);
-    if (g.openblas > 0) std::printf(", OpenBLAS %.1f GFLOP/s", g.openblas);
+  const std::vector<std::string> names = gemm_names();
+  const auto print_gemm = [&](const char* when, const Gemm& g) {
+    std::printf("  %-28s", when);
+    for (std::size_t k = 0; k < g.fp32.size(); ++k) std::printf(" %9.1f", g.fp32[k]);
+    if (g.bf16 > 0) std::printf(" %9.1f", g.bf16);
     std::printf("\n");
   };
-  print_gemm("on one core", "at the start", at_start);
-  print_gemm("on one core", "at the end", at_end);
-  std::printf("limit: %.1f GFLOP/s per core, the best of these (training uses %s)\n",
-              gemm.limit(), gemm_backend());
-  const Gemm both = Gemm::best(both_at_start, both_at_end);
-  if (world.size() == 2) {
-    print_gemm("on both cores at once, per core", "at the start", both_at_start);
-    print_gemm("on both cores at once, per core", "at the end", both_at_end);
-    std::printf("both cores at once: %.2f of the limit per core, the best of these\n",
-                both.limit() / gemm.limit());
+  std::printf("GEMM at each step's own shapes, GFLOP/s per core:\n  %-28s", "");
+  for (const std::string& n : names) std::printf(" %9.9s", n.c_str());
+  if (gemm::bf16_supported()) std::printf(" %9s", "bf16");
+  std::printf("\n");
+  for (std::size_t k = 0; k < names.size(); ++k) std::printf("  (%s)\n", names[k].c_str());
+  for (std::size_t i = 0; i < gemms.size(); ++i) {
+    const WorkloadGemm& g = gemms[i];
+    std::printf("%s, %zu rows:\n", g.workload.c_str(), workloads[i].batch);
+    print_gemm("one core, at the start", g.at_start);
+    print_gemm("one core, at the end", g.at_end);
+    if (world.size() == 2) {
+      print_gemm("both cores busy, per core", Gemm::best(g.both_start, g.both_end));
+    }
+    const Gemm best = Gemm::best(g.at_start, g.at_end);
+    const auto top = std::max_element(best.fp32.begin(), best.fp32.end()) - best.fp32.begin();
+    std::printf("  limit %.1f GFLOP/s per core: %s, the best of these", best.limit(),
+                names[std::size_t(top)].c_str());
+    if (best.bf16 > 0) std::printf("; bf16 %.2fx of it", best.bf16 / best.limit());
+    std::printf("\n");
   }
+  std::printf("training uses %s\n", gemm_backend().c_str());
   std::printf("data: %s\n\n", real ? args.data_path.c_str() : "synthetic, 60000 x 784, 10 classes");
   std::printf("%-6s %-13s %-13s %10s %8s %6s %8s %8s %9s %7s %8s\n", "case", "mode",
               "ranks x thr", "samples/s", "GFLOP/s", "eff", "step ms", "compute", "allreduce",
               "rest", "peak MB");
+  const auto limit_of = [&](const std::string& workload) {
+    for (const WorkloadGemm& g : gemms) {
+      if (g.workload == workload) return Gemm::best(g.at_start, g.at_end).limit();
+    }
+    return 0.0;
+  };
   for (Result& r : results) {
-    r.efficiency = r.gflops / (double(r.ranks * r.threads) * gemm.limit());
+    r.efficiency = r.gflops / (double(r.ranks * r.threads) * limit_of(r.workload));
     std::printf("%-6s %-13s %5d x %-5d %10.0f %8.1f %6.3f %8.3f %8.3f %9.3f %7.3f %8.1f\n",
                 r.workload.c_str(), r.mode.c_str(), r.ranks, r.threads, r.samples_per_s, r.gflops,
                 r.efficiency, r.step_ms, r.compute_ms, r.allreduce_ms, r.rest_ms, r.peak_rss_mb);
@@ -227,9 +267,22 @@ int run(const Args& args, MpiComm& world) {
                 args.deterministic_chunk);
     print_shares("deterministic", "default", "the default's");
   }
+  if (args.bf16) {
+    std::printf("\n--precision bf16 against float32 (the default mode):\n");
+    for (const Workload& w : workloads) {
+      for (const auto& [ranks, threads] : {std::pair{1, 1}, std::pair{1, 2}, std::pair{2, 1}}) {
+        const Result* r = find(w.name, "bf16", ranks, threads);
+        const Result* base = find(w.name, "default", ranks, threads);
+        if (r && base) {
+          std::printf("%s: %d x %d bf16 is %.2fx the float32 samples/s\n", w.name, ranks, threads,
+                      r->samples_per_s / base->samples_per_s);
+        }
+      }
+    }
+  }
   if (!args.json_path.empty()) {
     std::ofstream out(args.json_path, std::ios::trunc);
-    out << to_json(at_start, at_end, both_at_start, both_at_end, results, real ? args.data_path : "synthetic", cores);
+    out << to_json(gemms, results, real ? args.data_path : "synthetic", cores);
     out.close();
     SP_CHECK(out, "--json ", args.json_path, ": cannot write");
     std::printf("wrote %s\n", args.json_path.c_str());
@@ -266,6 +319,8 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber)->capture_default_str();
   app.add_flag("--deterministic", deterministic,
                "Also time every case in the deterministic mode, alternating with the default");
+  bool no_bf16 = false;
+  app.add_flag("--no-bf16", no_bf16, "Skip the --precision bf16 cases (run where the CPU can)");
   app.add_option("--chunk", chunk, "Rows per chunk of the deterministic mode")
       ->check(CLI::PositiveNumber)->capture_default_str();
   try {
@@ -282,6 +337,7 @@ int main(int argc, char** argv) {
     return e.get_exit_code() == 0 ? sp::kExitSuccess : sp::kExitUsage;
   }
   args.deterministic_chunk = deterministic ? chunk : 0;
+  args.bf16 = !no_bf16 && sp::gemm::bf16_supported();
   int status = 0;
   try {
     sp::MpiComm world(MPI_COMM_WORLD);

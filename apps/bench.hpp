@@ -19,25 +19,37 @@ struct Args {
   // > 0: every case also runs in the deterministic mode with chunks of this many rows, its
   // windows alternating with the default mode's.
   std::size_t deterministic_chunk = 0;
+  // Every case also runs with --precision bf16 (where the CPU can).
+  bool bf16 = false;
 };
 
+// GFLOP/s of one training step's matrix products at its own shapes (every layer's X·W, δ·Wᵀ
+// and Xᵀ·δ at the batch's rows), on one core, by every GEMM backend built in.
 struct Gemm {
-  double eigen = 0, openblas = 0;  // 0: not built with OpenBLAS
-  double limit() const { return std::max(eigen, openblas); }
-  // The better of two measurements of each library.
+  std::vector<double> fp32;  // per backend, in gemm::backends() order
+  double bf16 = 0;           // bf16 operands, float32 sums (0: not supported here)
+  double limit() const { return fp32.empty() ? 0 : *std::max_element(fp32.begin(), fp32.end()); }
+  // The better of two measurements of each backend.
   static Gemm best(const Gemm& a, const Gemm& b) {
-    return {std::max(a.eigen, b.eigen), std::max(a.openblas, b.openblas)};
+    Gemm g = a;
+    for (std::size_t i = 0; i < g.fp32.size() && i < b.fp32.size(); ++i) {
+      g.fp32[i] = std::max(a.fp32[i], b.fp32[i]);
+    }
+    g.bf16 = std::max(a.bf16, b.bf16);
+    return g;
   }
 };
-
-// GFLOP/s of 1024x1024x1024 products on one core (max_allowed_parallelism 1), per library.
-Gemm measure_gemm();
 
 struct Workload {
   const char* name;
   const char* layers;
   std::size_t batch;
 };
+
+// The step's products of `w` at `rows` rows on one core (max_allowed_parallelism 1).
+Gemm measure_gemm(const Workload& w, std::size_t rows);
+// The names of gemm::backends(), in order, as printed.
+std::vector<std::string> gemm_names();
 
 struct Result {
   std::string workload, mode, layers;

@@ -17,18 +17,12 @@
 #include <thread>
 #include <vector>
 
+#include "gemm.hpp"
 #include "layers.hpp"
 #include "shardprop/data.hpp"
 #include "shardprop/error.hpp"
 #include "shardprop/rng.hpp"
 #include "shardprop/train.hpp"
-
-#ifdef SHARDPROP_HAVE_OPENBLAS
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
-#endif
 
 namespace shardprop::bench {
 
@@ -46,37 +40,8 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-// GFLOP/s of C = A·B at n×n×n on one core, median of `reps` runs after a warm-up.
-template <class Gemm>
-double gemm_gflops(int n, int reps, const Gemm& gemm) {
-  gemm();
-  std::vector<double> rates;
-  for (int r = 0; r < reps; ++r) {
-    const auto start = clock::now();
-    gemm();
-    rates.push_back(2.0 * n * n * n / seconds_since(start) / 1e9);
-  }
-  return median(rates);
-}
 
 }  // namespace
-
-Gemm measure_gemm() {
-  constexpr int n = 1024, reps = 9;
-  const oneapi::tbb::global_control one(oneapi::tbb::global_control::max_allowed_parallelism, 1);
-  RowMatrix<float> a = RowMatrix<float>::Random(n, n), b = RowMatrix<float>::Random(n, n);
-  RowMatrix<float> c(n, n);
-  Gemm g;
-  g.eigen = gemm_gflops(n, reps, [&] { c.noalias() = a * b; });
-#ifdef SHARDPROP_HAVE_OPENBLAS
-  // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ.
-  const float one_f = 1, zero = 0;
-  g.openblas = gemm_gflops(n, reps, [&] {
-    sgemm_("N", "N", &n, &n, &n, &one_f, b.data(), &n, a.data(), &n, &zero, c.data(), &n);
-  });
-#endif
-  return g;
-}
 
 namespace {
 
@@ -103,6 +68,89 @@ double peak_rss_mb() {
 void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
 
 }  // namespace
+
+std::vector<std::string> gemm_names() {
+  std::vector<std::string> names;
+  for (gemm::Backend b : gemm::backends()) names.push_back(gemm::describe(b));
+  return names;
+}
+
+Gemm measure_gemm(const Workload& w, std::size_t rows) {
+  constexpr int reps = 7;
+  const oneapi::tbb::global_control one(oneapi::tbb::global_control::max_allowed_parallelism, 1);
+  const ModelSpec spec = parse_model(w.layers, "xent");
+  Rng rng(11);
+  struct Layer {
+    std::size_t in, out;
+    AlignedVector<float> x, w, z, d, dx, dw;
+    AlignedVector<std::uint16_t> x16, w16, d16;
+  };
+  std::vector<Layer> layers;
+  for (const LayerSpec& l : spec.layers) {
+    Layer& m = layers.emplace_back();
+    m.in = l.in;
+    m.out = l.out;
+    const auto fill = [&](AlignedVector<float>& v, std::size_t n, AlignedVector<std::uint16_t>* half) {
+      v.resize(n);
+      for (float& e : v) e = float(2 * rng.uniform() - 1);
+      if (half) {
+        half->resize(n);
+        gemm::to_bf16(v.data(), half->data(), n);
+      }
+    };
+    fill(m.x, rows * l.in, &m.x16);
+    fill(m.w, l.in * l.out, &m.w16);
+    fill(m.z, rows * l.out, nullptr);
+    fill(m.d, rows * l.out, &m.d16);
+    fill(m.dx, rows * l.in, nullptr);
+    fill(m.dw, l.in * l.out, nullptr);
+  }
+  using gemm::Op;
+  const auto r = Eigen::Index(rows);
+  const auto products = [&](auto&& multiply) {
+    for (std::size_t i = layers.size(); i-- > 0;) {
+      Layer& m = layers[i];
+      const auto in = Eigen::Index(m.in), out = Eigen::Index(m.out);
+      multiply(Op::none, Op::none, m.x, m.x16, r, in, m.w, m.w16, in, out, m.z, out);
+      if (i > 0) multiply(Op::none, Op::transpose, m.d, m.d16, r, out, m.w, m.w16, in, out, m.dx, in);
+      multiply(Op::transpose, Op::none, m.x, m.x16, r, in, m.d, m.d16, r, out, m.dw, out);
+    }
+  };
+  const double flops = flops_per_sample(spec) * double(rows);
+  const auto rate = [&](auto&& multiply) {
+    products(multiply);  // warm-up
+    std::vector<double> rates;
+    for (int k = 0; k < reps; ++k) {
+      const auto start = clock::now();
+      products(multiply);
+      rates.push_back(flops / seconds_since(start) / 1e9);
+    }
+    return median(rates);
+  };
+  Gemm g;
+  for (gemm::Backend b : gemm::backends()) {
+    g.fp32.push_back(rate([&](Op op_a, Op op_b, const AlignedVector<float>& a,
+                              const AlignedVector<std::uint16_t>&, Eigen::Index ar,
+                              Eigen::Index ac, const AlignedVector<float>& bm,
+                              const AlignedVector<std::uint16_t>&, Eigen::Index br,
+                              Eigen::Index bc, AlignedVector<float>& c, Eigen::Index cc) {
+      const Eigen::Index cr = op_a == Op::none ? ar : ac;
+      gemm::multiply<float>(b, op_a, op_b, 1.0f, {a.data(), ar, ac, ac}, {bm.data(), br, bc, bc},
+                            0.0f, {c.data(), cr, cc, cc});
+    }));
+  }
+  if (gemm::bf16_supported()) {
+    g.bf16 = rate([&](Op op_a, Op op_b, const AlignedVector<float>&,
+                      const AlignedVector<std::uint16_t>& a, Eigen::Index ar, Eigen::Index ac,
+                      const AlignedVector<float>&, const AlignedVector<std::uint16_t>& bm,
+                      Eigen::Index br, Eigen::Index bc, AlignedVector<float>& c, Eigen::Index cc) {
+      const Eigen::Index cr = op_a == Op::none ? ar : ac;
+      gemm::multiply_bf16(op_a, op_b, {a.data(), ar, ac, ac}, {bm.data(), br, bc, bc},
+                          {c.data(), cr, cc, cc});
+    });
+  }
+  return g;
+}
 
 void wait_for_rank0(MpiComm& world) {
   MPI_Request request;
@@ -215,10 +263,11 @@ std::vector<Result> run_case(Communicator& comm, const Workload& w, const Datase
       }
     }
   };
-  std::vector<Mode> modes(args.deterministic_chunk > 0 ? 3 : 2);
+  std::vector<Mode> modes(1);
   modes.front().name = "default";
-  if (args.deterministic_chunk > 0) modes[1].name = "deterministic";
-  modes.back().name = "products";
+  if (args.deterministic_chunk > 0) modes.emplace_back().name = "deterministic";
+  if (args.bf16) modes.emplace_back().name = "bf16";
+  modes.emplace_back().name = "products";
   // The default mode's peak memory is read once it has run its warm-up and calibration steps
   // (a steady-state step allocates nothing), before the other modes exist.
   reset_peak_rss();
@@ -235,6 +284,7 @@ std::vector<Result> run_case(Communicator& comm, const Workload& w, const Datase
       settings.lr = 0.01;
       settings.deterministic = mode.name == "deterministic";
       if (settings.deterministic) settings.chunk = args.deterministic_chunk;
+      if (mode.name == "bf16") settings.precision = "bf16";
       mode.trainer = std::make_unique<Trainer>(settings, comm, data);
     }
     for (int i = 0; i < args.warmup; ++i) mode.step(batch);

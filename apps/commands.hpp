@@ -17,6 +17,8 @@ struct ModelArgs {
   std::string checkpoint, data, out;
   std::size_t eval_batch = 1024;
   std::optional<std::size_t> label_column;  // predict --data F.csv: the labels' column
+  std::string precision;                    // "": the model's own
+  std::string gemm = "auto";
 };
 // eval, predict: model_commands.cpp.
 int run_eval(const ModelArgs& args, MpiComm& comm);

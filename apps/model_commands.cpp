@@ -10,6 +10,20 @@
 
 namespace shardprop::app {
 
+namespace {
+
+// The model of a checkpoint, its products set up as the flags say (the training's precision
+// unless --precision is given).
+Mlp<float> model_of(const Checkpoint& model, const ModelArgs& args, std::size_t chunk) {
+  select_gemm(args.gemm);
+  const std::string& precision = args.precision.empty() ? model.settings.precision
+                                                        : args.precision;
+  // A bf16-trained deterministic model cannot exist, so a deterministic one is float32.
+  return Mlp<float>(model.spec, chunk, parse_precision(precision));
+}
+
+}  // namespace
+
 int run_eval(const ModelArgs& args, MpiComm& comm) {
   const Checkpoint model = load_shared(comm, args.checkpoint, "--checkpoint");
   Dataset data;
@@ -20,7 +34,7 @@ int run_eval(const ModelArgs& args, MpiComm& comm) {
   // A model trained with --deterministic is evaluated in its chunks and sums: the same bits
   // on any number of ranks.
   const std::size_t chunk = model.settings.deterministic_chunk();
-  Mlp<float> mlp(model.spec, chunk);
+  Mlp<float> mlp = model_of(model, args, chunk);
   const auto reducer = make_reducer<float>(mlp.layout(), comm, chunk);
   const EvalStats e = evaluate_dataset(mlp, *reducer, comm, model.params, data, args.eval_batch);
   if (comm.rank() == 0) {
@@ -44,7 +58,7 @@ int run_predict(const ModelArgs& args, MpiComm& comm) {
     // A model trained with --deterministic predicts in its chunks: the same bits on any
     // number of threads.
     const std::size_t chunk = model.settings.deterministic_chunk();
-    Mlp<float> mlp(model.spec, chunk);
+    Mlp<float> mlp = model_of(model, args, chunk);
     const std::size_t pass = pass_rows(args.eval_batch, data.rows, chunk);
     mlp.reserve(pass);
     std::vector<std::int32_t> predictions(data.rows);

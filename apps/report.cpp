@@ -121,6 +121,10 @@ void print_run_header(const RunHeader& run, const Trainer& trainer, const Datase
                 count_of(std::uint64_t(run.threads), "thread").c_str(),
                 count_of(std::uint64_t(run.cores), "core").c_str());
   }
+  if (s.precision == "bf16") {
+    std::printf("  precision  bf16 products (bfloat16 operands, float32 sums); weights, "
+                "gradients and checkpoints float32\n");
+  }
   std::printf("  model      %s, loss %s, %s parameters\n", spec.layers_string().c_str(),
               s.loss.c_str(), thousands(spec.parameter_count()).c_str());
   const Dataset& train = trainer.train_data();

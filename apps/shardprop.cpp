@@ -90,6 +90,12 @@ int main(int argc, char** argv) {
     command->add_option("--collective-timeout", collective_timeout,
                         "Seconds a collective may wait for the other ranks (0: forever)")
         ->check(CLI::NonNegativeNumber)->capture_default_str();
+    command->add_option("--precision", args->precision,
+                        "fp32 or bf16 products; default: the model's training precision")
+        ->check(CLI::IsMember({"fp32", "bf16"}));
+    command->add_option("--gemm", args->gemm,
+                        "Matrix-product library: auto, onednn, openblas or eigen")
+        ->check(CLI::IsMember({"auto", "onednn", "openblas", "eigen"}))->capture_default_str();
   }
   eval->add_option("--data", eval_args.data, "HDF5 data set")->required();
   predict->add_option("--data", predict_args.data,

@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(
   build-essential cmake pkg-config
   libopenmpi-dev openmpi-bin
-  libtbb-dev libeigen3-dev libhdf5-dev hdf5-tools libopenblas-serial-dev
+  libtbb-dev libeigen3-dev libhdf5-dev hdf5-tools libopenblas-serial-dev libdnnl-dev
   libgtest-dev libcli11-dev zlib1g-dev
   python3 python3-h5py python3-numpy python3-matplotlib
   dataset-fashion-mnist

@@ -2,8 +2,8 @@
 # Installs the dependencies, builds shardprop and runs the test suite in stages
 # (scripts/stages.sh):
 #   plain     the whole suite with ctest;
-#   openblas  the OpenBLAS configuration (SHARDPROP_USE_OPENBLAS): its unit tests, which
-#             include the allocation-free step;
+#   openblas  the unit tests again with every product by OpenBLAS (SHARDPROP_GEMM=openblas)
+#             instead of the default backend (oneDNN);
 #   sanitize  AddressSanitizer and UndefinedBehaviorSanitizer, the whole suite again
 #             (SANITIZE=0 skips it);
 #   fuzz      each libFuzzer target for FUZZ_SECONDS (default 20; 0 skips it).

@@ -61,6 +61,13 @@ void for_blocks(std::size_t n, std::size_t block, const Body& body) {
       oneapi::tbb::simple_partitioner());
 }
 
+// Columns [c0, c0 + n) of the bfloat16 copy of a row-major matrix shaped like `like`.
+template <class View>
+gemm::View<const std::uint16_t> bf16_view(const std::uint16_t* data, const View& like,
+                                          Eigen::Index c0, Eigen::Index n) {
+  return {data + c0, like.rows(), n, like.cols()};
+}
+
 constexpr std::size_t kMinRows = 16;  // a row block below this costs more in tasks than it saves
 constexpr std::size_t kMinCols = 16;
 
@@ -161,7 +168,8 @@ void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
 
 template <class T>
 void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, MatrixView<T> dw,
-                           RowVectorView<T> db, Callback progress) {
+                           RowVectorView<T> db, Callback progress, const std::uint16_t* x_bf16,
+                           const std::uint16_t* delta_bf16) {
   const auto cols = static_cast<std::size_t>(delta.cols());
   const auto columns = [&](std::size_t p0, std::size_t p1) {
     const std::size_t n = p1 - p0;
@@ -170,8 +178,18 @@ void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, Matri
       c1 += p0;
       auto sum = db.segment(Eigen::Index(c0), Eigen::Index(c1 - c0));
       // 0 rows: a product of depth 0, which gives zeros.
-      gemm::multiply<T>(Op::transpose, Op::none, T(1), whole(x), cols_of(delta, c0, c1 - c0),
-                        T(0), cols_of(dw, c0, c1 - c0));
+      if constexpr (std::is_same_v<T, float>) {
+        if (x_bf16) {
+          gemm::multiply_bf16(Op::transpose, Op::none, bf16_view(x_bf16, x, 0, x.cols()),
+                              bf16_view(delta_bf16, delta, c0, c1 - c0), cols_of(dw, c0, c1 - c0));
+        } else {
+          gemm::multiply<T>(Op::transpose, Op::none, T(1), whole(x), cols_of(delta, c0, c1 - c0),
+                            T(0), cols_of(dw, c0, c1 - c0));
+        }
+      } else {
+        gemm::multiply<T>(Op::transpose, Op::none, T(1), whole(x), cols_of(delta, c0, c1 - c0),
+                          T(0), cols_of(dw, c0, c1 - c0));
+      }
       // The summed bias rows, row by row: contiguous reads (a column sum of a row-major
       // matrix would stride through memory).
       sum.setZero();
@@ -192,6 +210,45 @@ void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, Matri
   }
 }
 
+void dense_forward_bf16(ConstMatrixView<float> x, const std::uint16_t* x_bf16,
+                        const std::uint16_t* w_bf16, ConstRowVectorView<float> b, Activation act,
+                        MatrixView<float> out, std::uint16_t* out_bf16) {
+  const auto rows = static_cast<std::size_t>(x.rows());
+  const Eigen::Index in = x.cols(), width = out.cols();
+  for_blocks(rows, block_size(rows, kMinRows, 1), [&](std::size_t r0, std::size_t r1) {
+    const auto r = Eigen::Index(r0), n = Eigen::Index(r1 - r0);
+    gemm::multiply_bf16(Op::none, Op::none, {x_bf16 + r * in, n, in, in},
+                        {w_bf16, in, width, width}, rows_of(out, r0, r1 - r0));
+    auto z = out.middleRows(r, n);
+    z.rowwise() += b;
+    activate<float>(act, z);
+    if (out_bf16) gemm::to_bf16(z.data(), out_bf16 + r * width, std::size_t(n * width));
+  });
+}
+
+void dense_backward_input_bf16(ConstMatrixView<float> delta, const std::uint16_t* delta_bf16,
+                               const std::uint16_t* w_bf16, ConstMatrixView<float> a_prev,
+                               Activation act_prev, MatrixView<float> dx, std::uint16_t* dx_bf16) {
+  const auto rows = static_cast<std::size_t>(delta.rows());
+  const Eigen::Index out = delta.cols(), in = dx.cols();
+  for_blocks(rows, block_size(rows, kMinRows, 1), [&](std::size_t r0, std::size_t r1) {
+    const auto r = Eigen::Index(r0), n = Eigen::Index(r1 - r0);
+    // dx = δ·wᵀ with w (in, out).
+    gemm::multiply_bf16(Op::none, Op::transpose, {delta_bf16 + r * out, n, out, out},
+                        {w_bf16, in, out, out}, rows_of(dx, r0, r1 - r0));
+    auto d = dx.middleRows(r, n);
+    activation_derivative_mul<float>(act_prev, a_prev.middleRows(r, n), d);
+    if (dx_bf16) gemm::to_bf16(d.data(), dx_bf16 + r * in, std::size_t(n * in));
+  });
+}
+
+void round_bf16(ConstMatrixView<float> m, std::uint16_t* out) {
+  const auto n = static_cast<std::size_t>(m.size());
+  for_blocks(n, block_size(n, 1 << 14, 64), [&](std::size_t i0, std::size_t i1) {
+    gemm::to_bf16(m.data() + i0, out + i0, i1 - i0);
+  });
+}
+
 void for_each_chunk(std::size_t chunks, FunctionRef<std::size_t> body) {
   for_blocks(chunks, 1, [&](std::size_t c0, std::size_t c1) {
     for (std::size_t c = c0; c < c1; ++c) body(c);
@@ -206,7 +263,8 @@ void for_each_chunk(std::size_t chunks, FunctionRef<std::size_t> body) {
   template void dense_forward<T>(ConstMatrixView<T>, ConstMatrixView<T>, ConstRowVectorView<T>, \
                                  Activation, MatrixView<T>, std::size_t, ChunkScratch<T>&);    \
   template void dense_backward_params<T>(ConstMatrixView<T>, ConstMatrixView<T>, MatrixView<T>, \
-                                         RowVectorView<T>, Callback);                       \
+                                         RowVectorView<T>, Callback, const std::uint16_t*,   \
+                                         const std::uint16_t*);                              \
   template void dense_backward_input<T>(ConstMatrixView<T>, ConstMatrixView<T>,                \
                                         ConstMatrixView<T>, Activation, MatrixView<T>,         \
                                         std::size_t, ChunkScratch<T>&);

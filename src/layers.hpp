@@ -44,9 +44,27 @@ void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
 // no thread ever writes another's columns and no per-thread reduction is needed.
 // With `progress`, the columns go in a few consecutive parts and progress() runs on the
 // calling thread after each (to let communication advance); the sums are the same.
+// With `x_bf16` and `delta_bf16` (the bfloat16 roundings of x and delta, same shapes), the
+// product xᵀ·delta takes them as operands (bf16 mode); db still sums the float δ.
 template <class T>
 void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, MatrixView<T> dw,
-                           RowVectorView<T> db, Callback progress = {});
+                           RowVectorView<T> db, Callback progress = {},
+                           const std::uint16_t* x_bf16 = nullptr,
+                           const std::uint16_t* delta_bf16 = nullptr);
+
+// The bf16 mode's forward and input-gradient kernels: as dense_forward and
+// dense_backward_input, with the products on bfloat16 operands summed in float32 and the
+// rest in float32. `x_bf16`, `w_bf16`, `delta_bf16` are the bfloat16 roundings of the
+// matrices of those shapes (row-major); `out_bf16` / `dx_bf16`, if not null, receive the
+// rounding of what the kernel writes (the next product's operand).
+void dense_forward_bf16(ConstMatrixView<float> x, const std::uint16_t* x_bf16,
+                        const std::uint16_t* w_bf16, ConstRowVectorView<float> b, Activation act,
+                        MatrixView<float> out, std::uint16_t* out_bf16);
+void dense_backward_input_bf16(ConstMatrixView<float> delta, const std::uint16_t* delta_bf16,
+                               const std::uint16_t* w_bf16, ConstMatrixView<float> a_prev,
+                               Activation act_prev, MatrixView<float> dx, std::uint16_t* dx_bf16);
+// Rounds a row-major matrix to bfloat16 (in parallel): out has m.size() elements.
+void round_bf16(ConstMatrixView<float> m, std::uint16_t* out);
 
 // Runs body(c) for c in [0, chunks), in parallel, each on one thread.
 void for_each_chunk(std::size_t chunks, FunctionRef<std::size_t> body);

@@ -1,6 +1,7 @@
 #include "shardprop/mlp.hpp"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "gemm.hpp"
@@ -9,7 +10,17 @@
 
 namespace shardprop {
 
-const char* gemm_backend() { return gemm::backend_name(); }
+std::string gemm_backend() { return gemm::describe(gemm::current_backend()); }
+
+void select_gemm(std::string_view name, std::string_view what) {
+  gemm::use_backend(gemm::parse_backend(name, what));
+}
+
+Precision parse_precision(std::string_view text, std::string_view what) {
+  if (text == "fp32") return Precision::fp32;
+  if (text == "bf16") return Precision::bf16;
+  SP_USAGE(what, " '", text, "': not a precision (fp32 or bf16)");
+}
 
 template <class T>
 struct Mlp<T>::Workspace {
@@ -18,11 +29,30 @@ struct Mlp<T>::Workspace {
   AlignedVector<T> delta[2];             // ping-pong δ buffers: (rows, widest layer)
   std::vector<LossSums> chunk_sums;
   ChunkScratch<T> scratch;               // the chunked kernels' packed operands
+  // bf16 mode: the products' operands rounded to bfloat16
+  AlignedVector<std::uint16_t> x16;                  // (rows, in)
+  std::vector<AlignedVector<std::uint16_t>> acts16;  // per hidden layer: (rows, out)
+  AlignedVector<std::uint16_t> delta16[2];           // like delta
+  std::vector<AlignedVector<std::uint16_t>> w16;     // per layer: (in, out)
 };
 
 template <class T>
-Mlp<T>::Mlp(ModelSpec spec, std::size_t chunk)
-    : spec_(std::move(spec)), layout_(spec_), chunk_(chunk), ws_(std::make_unique<Workspace>()) {
+Mlp<T>::Mlp(ModelSpec spec, std::size_t chunk, Precision precision)
+    : spec_(std::move(spec)),
+      layout_(spec_),
+      chunk_(chunk),
+      precision_(precision),
+      ws_(std::make_unique<Workspace>()) {
+  if (precision_ == Precision::bf16) {
+    constexpr bool is_float = std::is_same_v<T, float>;
+    SP_CHECK_USAGE(is_float, "--precision bf16 needs a float32 model");
+    SP_CHECK_USAGE(chunk_ == 0, "--precision bf16 cannot be combined with --deterministic "
+                   "(the deterministic mode's products are its own float32 kernels)");
+    SP_CHECK_USAGE(gemm::bf16_supported(), "--precision bf16: ",
+                   gemm::bf16_unsupported_reason());
+    ws_->acts16.resize(spec_.layers.size());
+    for (const LayerSpec& layer : spec_.layers) ws_->w16.emplace_back(layer.in * layer.out);
+  }
   ws_->acts.resize(spec_.layers.size());
   ws_->chunk_sums.resize(1);  // an empty batch still has its one (empty) chunk
 }
@@ -45,6 +75,13 @@ void Mlp<T>::reserve(std::size_t rows) {
     weights = std::max(weights, layer.in * layer.out);
   }
   for (auto& d : ws_->delta) d.resize(rows * widest);
+  if (precision_ == Precision::bf16) {
+    ws_->x16.resize(rows * spec_.input_width());
+    for (std::size_t l = 0; l + 1 < spec_.layers.size(); ++l) {
+      ws_->acts16[l].resize(rows * spec_.layers[l].out);
+    }
+    for (auto& d : ws_->delta16) d.resize(rows * widest);
+  }
   ws_->chunk_sums.resize(chunk_count(rows, chunk_));
   ws_->scratch.reserve(rows, chunk_, weights, widest);
   ws_->capacity = rows;
@@ -64,6 +101,11 @@ ConstMatrixView<T> Mlp<T>::input_of(std::size_t layer, ConstMatrixView<T> x, std
 }
 
 template <class T>
+const std::uint16_t* Mlp<T>::input_bf16_of(std::size_t layer) const {
+  return layer == 0 ? ws_->x16.data() : ws_->acts16[layer - 1].data();
+}
+
+template <class T>
 void Mlp<T>::forward(std::span<const T> params, ConstMatrixView<T> x) {
   SP_CHECK(params.size() == layout_.size(), "parameter buffer has ", params.size(),
            " elements, the model needs ", layout_.size());
@@ -71,6 +113,21 @@ void Mlp<T>::forward(std::span<const T> params, ConstMatrixView<T> x) {
            " features, the model expects ", spec_.input_width());
   const auto rows = static_cast<std::size_t>(x.rows());
   reserve(rows);
+  if constexpr (std::is_same_v<T, float>) {
+    if (precision_ == Precision::bf16) {
+      round_bf16(x, ws_->x16.data());
+      for (std::size_t l = 0; l < spec_.layers.size(); ++l) {
+        const bool output = l + 1 == spec_.layers.size();
+        const auto w = layout_.weights(params, l);
+        round_bf16(w, ws_->w16[l].data());
+        dense_forward_bf16(input_of(l, x, rows), input_bf16_of(l), ws_->w16[l].data(),
+                           layout_.bias(params, l),
+                           output ? Activation::identity : spec_.layers[l].activation,
+                           activation(l, rows), output ? nullptr : ws_->acts16[l].data());
+      }
+      return;
+    }
+  }
   for (std::size_t l = 0; l < spec_.layers.size(); ++l) {
     // The output activation (softmax, sigmoid or identity) is fused with the loss, so the
     // last layer leaves Z untouched here.
@@ -118,6 +175,10 @@ void Mlp<T>::forward_backward(std::span<const T> params, ConstMatrixView<T> x,
   const std::span<LossSums> sums(ws_->chunk_sums.data(), chunk_count(rows, chunk_));
   output_loss_chunks<T>(spec_.loss, activation(last, rows), y, &d, chunk_, sums);
   reducer.loss(sums);
+  const bool bf16 = precision_ == Precision::bf16;
+  if constexpr (std::is_same_v<T, float>) {
+    if (bf16) round_bf16(ConstMatrixView<T>(d.data(), d.rows(), d.cols()), ws_->delta16[0].data());
+  }
 
   std::size_t current = 0;
   for (std::size_t l = last + 1; l-- > 0;) {
@@ -125,13 +186,23 @@ void Mlp<T>::forward_backward(std::span<const T> params, ConstMatrixView<T> x,
     const ConstMatrixView<T> delta(ws_->delta[current].data(), Eigen::Index(rows),
                                    Eigen::Index(layer.out));
     const ConstMatrixView<T> input = input_of(l, x, rows);
-    reducer.layer(l, input, delta);
+    reducer.layer(l, input, delta,
+                  bf16 ? Bf16Operands{input_bf16_of(l), ws_->delta16[current].data()}
+                       : Bf16Operands{});
     if (l > 0) {  // δ of the layer below
-      dense_backward_input<T>(delta, layout_.weights(params, l), input,
-                              spec_.layers[l - 1].activation,
-                              MatrixView<T>(ws_->delta[1 - current].data(), Eigen::Index(rows),
-                                            Eigen::Index(layer.in)),
-                              chunk_, ws_->scratch);
+      const MatrixView<T> dx(ws_->delta[1 - current].data(), Eigen::Index(rows),
+                             Eigen::Index(layer.in));
+      if constexpr (std::is_same_v<T, float>) {
+        if (bf16) {
+          dense_backward_input_bf16(delta, ws_->delta16[current].data(), ws_->w16[l].data(),
+                                    input, spec_.layers[l - 1].activation, dx,
+                                    ws_->delta16[1 - current].data());
+        }
+      }
+      if (!bf16) {
+        dense_backward_input<T>(delta, layout_.weights(params, l), input,
+                                spec_.layers[l - 1].activation, dx, chunk_, ws_->scratch);
+      }
       reducer.progress();
     }
     current = 1 - current;

@@ -46,7 +46,8 @@ class FloatReducer final : public GradReducer<T> {
     grad_[n + kSamples] = T(rows_);
   }
 
-  void layer(std::size_t l, ConstMatrixView<T> input, ConstMatrixView<T> delta) override {
+  void layer(std::size_t l, ConstMatrixView<T> input, ConstMatrixView<T> delta,
+             Bf16Operands bf16) override {
     // Progress calls split each dW into parts; alone there is nothing to make progress on.
     // The parts do not depend on the overlap: Eigen's kernel may round a column differently
     // in another split, and both settings must give the same bits on 2 ranks. Without
@@ -54,7 +55,8 @@ class FloatReducer final : public GradReducer<T> {
     const auto advance = [this] { comm_.progress(); };
     const std::span<T> grad(grad_);
     dense_backward_params<T>(input, delta, layout_.weights(grad, l), layout_.bias(grad, l),
-                             comm_.size() > 1 ? Callback(advance) : Callback());
+                             comm_.size() > 1 ? Callback(advance) : Callback(), bf16.input,
+                             bf16.delta);
     if (overlap_) {
       const auto [begin, end] = layout_.layer_range(l);
       comm_.start_allreduce_sum(grad.subspan(begin, end - begin));
@@ -175,7 +177,9 @@ class FixedPointReducer final : public GradReducer<float> {
 
   // From the last layer down: agree on each tensor's exponent, add the chunks' products as
   // integers and start reducing them.
-  void layer(std::size_t l, ConstMatrixView<float> input, ConstMatrixView<float> delta) override {
+  void layer(std::size_t l, ConstMatrixView<float> input, ConstMatrixView<float> delta,
+             Bf16Operands bf16) override {
+    SP_CHECK(!bf16.input, "the deterministic mode has no bf16 products");
     const std::size_t layers = layout_.layer_count();
     const bool last = l + 1 == layers;
     GradientBound bound;

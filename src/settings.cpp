@@ -16,8 +16,9 @@ using R = ResumeRule;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNone = -kInf;  // no lower bound
 
-// Checkpoint format version 3 added the settings that version 2 did not store.
-constexpr int v2 = 2, v3 = 3;
+// Checkpoint format version 3 added the settings that version 2 did not store, 4 the
+// precision.
+constexpr int v2 = 2, v3 = 3, v4 = 4;
 
 // clang-format off
 const SettingSpec kTable[] = {
@@ -63,6 +64,12 @@ const SettingSpec kTable[] = {
   {"--overlap", &Settings::overlap, "on: reduce each layer's gradient while backward goes on; "
    "off: the whole gradient at once after it (for measuring)", R::invocation, nullptr, 0,
    "on|off", kNone, false, kInf, false},
+  {"--precision", &Settings::precision, "fp32, or bf16: products on bfloat16 operands with "
+   "float32 sums (needs AVX512_BF16; weights, gradients and checkpoints stay float32)",
+   R::restored, "/train/precision", v4, "fp32|bf16", kNone, false, kInf, false},
+  {"--gemm", &Settings::gemm, "Matrix-product library: auto (oneDNN when built in, else Eigen; "
+   "or the SHARDPROP_GEMM variable), onednn, openblas or eigen", R::invocation, nullptr, 0,
+   "auto|onednn|openblas|eigen", kNone, false, kInf, false},
   {"--threads", &Settings::threads, "oneTBB threads per rank (default: the node's cores "
    "divided by the ranks on the node)", R::invocation, nullptr, 0, nullptr, 0, true, kInf, false},
   {"--collective-timeout", &Settings::collective_timeout, "Seconds a collective may wait for "

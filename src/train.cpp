@@ -1,5 +1,6 @@
 #include "shardprop/train.hpp"
 
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -41,11 +42,22 @@ int compute_threads() {
                                    global_control::max_allowed_parallelism))));
 }
 
+namespace {
+
+// The model of a run, its matrix products set up as the settings say (--gemm, --precision).
+Mlp<float> training_model(const Settings& s) {
+  select_gemm(s.gemm);
+  return Mlp<float>(parse_model(s.layers, s.loss), s.deterministic_chunk(),
+                    parse_precision(s.precision));
+}
+
+}  // namespace
+
 Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& train)
     : settings_(settings),
       comm_(comm),
       train_(train),
-      mlp_(parse_model(settings.layers, settings.loss), settings.deterministic_chunk()),
+      mlp_(training_model(settings)),
       reducer_(make_reducer<float>(mlp_.layout(), comm, settings.deterministic_chunk(),
                                    settings.overlap != "off")),
       optimizer_(optimizer_config(settings), mlp_.layout().size()) {

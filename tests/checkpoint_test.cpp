@@ -368,6 +368,34 @@ TEST_F(CheckpointTest, VersionTwoFilesStillLoad) {
   EXPECT_TRUE(same_bits(train_on(1, config, &v2).params, train_on(1, config).params));
 }
 
+// A file of format version 3 (before the precision was stored) loads as a float32 run.
+TEST_F(CheckpointTest, VersionThreeFilesLoadAsFloat32) {
+  Settings config = config_for(OptimizerKind::sgd);
+  config.stop_at_step = 5;
+  const Checkpoint c = train_on(1, config);
+  save_checkpoint(path("v3.h5"), c);
+  {
+    h5::Handle f(H5Fopen(path("v3.h5").c_str(), H5F_ACC_RDWR, H5P_DEFAULT), H5Fclose, "opening");
+    h5::Handle train(H5Gopen2(f.get(), "train", H5P_DEFAULT), H5Gclose, "opening /train");
+    h5::check(H5Adelete(train.get(), "precision"), "deleting /train/precision");
+    const std::int64_t three = 3;
+    h5::Handle version(H5Aopen(f.get(), "format_version", H5P_DEFAULT), H5Aclose, "opening");
+    h5::check(H5Awrite(version.get(), H5T_NATIVE_INT64, &three), "writing format_version");
+  }
+  const Checkpoint v3 = load_checkpoint(path("v3.h5"));
+  EXPECT_EQ(v3.format_version, 3);
+  EXPECT_EQ(v3.settings.precision, "fp32");
+  EXPECT_TRUE(same_bits(v3.params, c.params));
+  // Without the version change the missing attribute is an error, not a silent default.
+  {
+    h5::Handle f(H5Fopen(path("v3.h5").c_str(), H5F_ACC_RDWR, H5P_DEFAULT), H5Fclose, "opening");
+    const std::int64_t four = 4;
+    h5::Handle version(H5Aopen(f.get(), "format_version", H5P_DEFAULT), H5Aclose, "opening");
+    h5::check(H5Awrite(version.get(), H5T_NATIVE_INT64, &four), "writing format_version");
+  }
+  EXPECT_THROW(load_checkpoint(path("v3.h5")), Error);
+}
+
 TEST_F(CheckpointTest, DirectoryKeepsTheNewestAndPointsAtThem) {
   Checkpoint c = trained();
   fs::create_directories(path("run"));

@@ -24,9 +24,9 @@
 namespace shardprop {
 
 inline constexpr const char* kCheckpointFormat = "shardprop-checkpoint";
-// Version 3 stores every run setting of the table; version 2 files (the training state and
+// Version 4 stores every run setting of the table (3 lacked the precision); version 2 files (the training state and
 // the settings of that time) still resume, version 1 files (model only) can be evaluated.
-inline constexpr std::int64_t kCheckpointVersion = 3;
+inline constexpr std::int64_t kCheckpointVersion = 4;
 
 // Where training stands: enough, with the parameters and optimizer state, to continue.
 struct TrainState {

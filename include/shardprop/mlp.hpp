@@ -2,8 +2,11 @@
 // parameter buffers. It owns only workspace, never parameters.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
+#include <string_view>
 
 #include "shardprop/loss.hpp"
 #include "shardprop/params.hpp"
@@ -12,15 +15,26 @@
 
 namespace shardprop {
 
-// The library that multiplies the model's matrices ("Eigen", ...), as train and bench print it.
-const char* gemm_backend();
+// The library that multiplies the model's matrices ("oneDNN 2.6.3", ...), as train and bench
+// print it.
+std::string gemm_backend();
+// Makes the library named (auto, onednn, openblas, eigen) the one for every product of the
+// process; a name not built in throws UsageError naming `what`.
+void select_gemm(std::string_view name, std::string_view what = "--gemm");
+
+// The operands of the model's matrix products: float32, or bfloat16 with float32 sums (the
+// parameters, gradients and everything else stay float32).
+enum class Precision { fp32, bf16 };
+// "fp32" or "bf16"; anything else throws UsageError naming `what`.
+Precision parse_precision(std::string_view text, std::string_view what = "--precision");
 
 template <class T>
 class Mlp {
  public:
   // `chunk` > 0: the deterministic mode's passes, the rows in chunks of that many, each
   // computed by the same single-threaded kernel calls whichever thread runs it.
-  explicit Mlp(ModelSpec spec, std::size_t chunk = 0);
+  // Precision::bf16 (float only, chunk 0) throws UsageError where it cannot run.
+  explicit Mlp(ModelSpec spec, std::size_t chunk = 0, Precision precision = Precision::fp32);
   ~Mlp();
   Mlp(Mlp&&) noexcept;
   Mlp& operator=(Mlp&&) noexcept;
@@ -28,6 +42,7 @@ class Mlp {
   const ModelSpec& spec() const { return spec_; }
   const Layout& layout() const { return layout_; }
   std::size_t chunk() const { return chunk_; }
+  Precision precision() const { return precision_; }
 
   // Sizes the workspace for batches of up to `rows` samples; later calls with at most that
   // many rows allocate nothing.
@@ -52,11 +67,13 @@ class Mlp {
   struct Workspace;
   MatrixView<T> activation(std::size_t layer, std::size_t rows);
   ConstMatrixView<T> input_of(std::size_t layer, ConstMatrixView<T> x, std::size_t rows);
+  const std::uint16_t* input_bf16_of(std::size_t layer) const;
   void forward(std::span<const T> params, ConstMatrixView<T> x);
 
   ModelSpec spec_;
   Layout layout_;
   std::size_t chunk_;
+  Precision precision_;
   std::unique_ptr<Workspace> ws_;
 };
 

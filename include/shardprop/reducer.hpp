@@ -43,6 +43,13 @@ struct StepTimes {
   std::uint64_t steps = 0;
 };
 
+// The bf16 mode's roundings of a layer's input and δ to bfloat16 (same shapes, row-major):
+// the operands of its weight-gradient product. Null in float32 mode.
+struct Bf16Operands {
+  const std::uint16_t* input = nullptr;
+  const std::uint16_t* delta = nullptr;
+};
+
 template <class T>
 class GradReducer {
  public:
@@ -56,7 +63,8 @@ class GradReducer {
   virtual void loss(std::span<const LossSums> sums) = 0;
   // Layer l's input (rows, in) and δ (rows, out) are final: computes the gradient sums of
   // its W and b and starts reducing them. Called for every layer, last to first.
-  virtual void layer(std::size_t l, ConstMatrixView<T> input, ConstMatrixView<T> delta) = 0;
+  virtual void layer(std::size_t l, ConstMatrixView<T> input, ConstMatrixView<T> delta,
+                     Bf16Operands bf16) = 0;
   // Lets started reductions advance; backward calls it between its kernels.
   virtual void progress() = 0;
   // Starts the statistics' reduction, runs before_wait() (work that overlaps the wait),
