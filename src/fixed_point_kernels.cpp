@@ -148,7 +148,8 @@ void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
       for (std::size_t q = 0; q < count; ++q) {
         const std::size_t r0 = (g0 + q) * chunk, n = std::min(chunk, rows - r0);
         T* product = mine + q * kFixedBlock * kFixedBlock;
-        gemm::multiply<T>(gemm::Op::transpose, gemm::Op::none, T(1),
+        // Always Eigen: the deterministic mode's bits do not depend on --gemm.
+        gemm::multiply<T>(gemm::Backend::eigen, gemm::Op::transpose, gemm::Op::none, T(1),
                           {x.data() + r0 * in + i0, Eigen::Index(n), Eigen::Index(ni),
                            Eigen::Index(in)},
                           {delta.data() + r0 * out + j0, Eigen::Index(n), Eigen::Index(nj),

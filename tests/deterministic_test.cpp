@@ -20,6 +20,7 @@
 #include "fixed_point.hpp"
 #include "shardprop/comm.hpp"
 #include "shardprop/train.hpp"
+#include "gemm.hpp"
 #include "test_util.hpp"
 
 namespace shardprop {
@@ -151,6 +152,31 @@ TEST_P(DeterministicReduce, SameBitsForAnyRanksAndThreadsAndEqualToFullBatch) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Losses, DeterministicReduce, ::testing::Values("xent", "bce", "mse"));
+
+// The deterministic mode runs its own kernels whatever --gemm says: every backend built in
+// gives the same bits on 1 and 3 ranks (the default mode's float results differ between
+// backends by rounding; checked below so the comparison can fail).
+TEST(DeterministicReduce, SameBitsWithEveryGemmBackend) {
+  const Problem problem = make_problem("20,48:relu,24:tanh,6:softmax", "xent", 103, 11, 31);
+  const gemm::Backend before = gemm::current_backend();
+  gemm::use_backend(gemm::Backend::eigen);
+  const std::vector<Outcome> reference = reduce(problem, 8, 1, 1);
+  const std::vector<Outcome> eigen_default = reduce(problem, 0, 1, 1);
+  bool some_default_differs = false;
+  for (gemm::Backend b : gemm::backends()) {
+    gemm::use_backend(b);
+    for (int p : {1, 3}) {
+      const std::vector<Outcome> run = reduce(problem, 8, p, 2);
+      EXPECT_TRUE(same_bits(std::span<const float>(run[0].mean),
+                            std::span<const float>(reference[0].mean)))
+          << gemm::short_name(b) << ", " << p << " ranks";
+    }
+    some_default_differs |= !same_bits(std::span<const float>(reduce(problem, 0, 1, 1)[0].mean),
+                                       std::span<const float>(eigen_default[0].mean));
+  }
+  gemm::use_backend(before);
+  if (gemm::backends().size() > 1) EXPECT_TRUE(some_default_differs);
+}
 
 // The comparisons above can see a changed bit: the default mode, whose sums follow the shard
 // boundaries, does not give 1 rank's bits on 3 ranks for this batch.
