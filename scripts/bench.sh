@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds shardprop in Release and runs `shardprop-bench` on 2 ranks: the single-core GEMM
-# limit (Eigen and OpenBLAS), then the small and wide workloads at 1x1, 1x2 and 2x1.
+# Builds shardprop in Release and runs `shardprop-bench` on 2 ranks: every GEMM backend's
+# single-core speed at each workload's step shapes (the best is the limit), then the small
+# and wide workloads at 1x1, 1x2 and 2x1, in float32 and (where the CPU can) bf16.
 # Writes build/bench.json. Extra arguments go to `shardprop-bench`.
 # Environment: BUILD_DIR (build), DATA (build/fashion-mnist/train.h5).
 set -euo pipefail
