@@ -82,6 +82,7 @@ void Reporter::on_epoch(const EpochStats& s) {
 
 void Reporter::on_checkpoint(const std::string& path) {
   if (!speak_ || path.empty()) return;
+  last_checkpoint_ = path;
   clear_line();
   std::printf("checkpoint %s\n", path.c_str());
   std::fflush(stdout);

@@ -1,5 +1,7 @@
 // `shardprop train`: settings → checkpointer (resume and merge) → data → trainer → report.
 #include <sched.h>
+#include <signal.h>
+#include <string.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -14,6 +16,7 @@
 #include "shardprop/checkpoint.hpp"
 #include "shardprop/data.hpp"
 #include "shardprop/error.hpp"
+#include "shardprop/stop.hpp"
 #include "shardprop/train.hpp"
 
 namespace shardprop::app {
@@ -28,10 +31,32 @@ int cores_here() {
   return std::max(1, CPU_COUNT(&set));
 }
 
+const int kStopSignals[] = {SIGTERM, SIGINT, SIGUSR1};
+
+void on_stop_signal(int signal) { request_stop(signal); }
+
+// From the start of `train` to the end of the process: SIGTERM, SIGINT and SIGUSR1 (what
+// mpirun forwards, and what a batch scheduler sends before its time limit) ask to stop at the
+// next step boundary instead of ending the process. They stay caught after training, so a
+// second signal while the job winds down cannot turn its "stopped" status into a kill.
+void catch_stop_signals() {
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  for (int signal : kStopSignals) {
+    SP_CHECK(sigaction(signal, &action, nullptr) == 0, "installing the handler of signal ",
+             signal, " failed");
+  }
+}
+
 }  // namespace
 
 int run_train(const Settings& cli, const GivenFlags& given, MpiComm& comm) {
   const bool speak = comm.rank() == 0;
+  clear_stop();
+  catch_stop_signals();
+  int status = kExitSuccess;
   // Start-up is checked collectively: a bad flag, file or value stops every rank, and only
   // the lowest failing rank says why.
   Checkpointer checkpointer(comm, cli, given);
@@ -100,8 +125,24 @@ int run_train(const Settings& cli, const GivenFlags& given, MpiComm& comm) {
                   std::to_string(s.epochs).c_str());
     }
     trainer->run(test_set, *reporter, &checkpointer);
+    if (const int signal = trainer->stopped_by_signal()) {
+      status = kExitStopped;
+      if (speak) {
+        const auto step = (unsigned long long)trainer->state().step;
+        const char* name = sigabbrev_np(signal);
+        if (checkpointer.writing()) {
+          std::printf("stopped by SIG%s at step %llu: checkpoint %s; continue with --resume %s\n",
+                      name ? name : "?", step, reporter->last_checkpoint().c_str(),
+                      s.checkpoint_dir.c_str());
+        } else {
+          std::printf("stopped by SIG%s at step %llu: nothing saved (no --checkpoint-dir)\n",
+                      name ? name : "?", step);
+        }
+        std::fflush(stdout);
+      }
+    }
   });
-  return 0;
+  return status;
 }
 
 }  // namespace shardprop::app

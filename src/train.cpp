@@ -13,6 +13,7 @@
 
 #include "shardprop/error.hpp"
 #include "shardprop/rng.hpp"
+#include "shardprop/stop.hpp"
 
 namespace shardprop {
 
@@ -250,8 +251,13 @@ bool Trainer::steps_left() const {
   const auto below = [&](std::int64_t limit) {
     return limit < 0 || state_.step < std::uint64_t(limit);
   };
-  return state_.epoch < settings_.epochs && below(settings_.max_steps) &&
+  return stopped_by_ == 0 && state_.epoch < settings_.epochs && below(settings_.max_steps) &&
          below(settings_.stop_at_step);
+}
+
+void Trainer::agree_on_stop() {
+  const auto mine = std::int64_t(stop_signal());
+  stopped_by_ = int(comm_.size() > 1 ? comm_.allreduce_max(mine) : mine);
 }
 
 void Trainer::after_step(bool epoch_ended, TrainObserver& observer, Checkpointer* checkpointer) {
@@ -291,6 +297,7 @@ void Trainer::run(const Dataset* test, TrainObserver& observer, Checkpointer* ch
                             loss / samples, samples / elapsed,
                             elapsed / double(state_.step + 1 - first_step)});
       ended = ++state_.batch_in_epoch == batches;
+      agree_on_stop();
       if (ended) {
         ++state_.epoch;
         state_.batch_in_epoch = 0;
@@ -308,7 +315,7 @@ void Trainer::run(const Dataset* test, TrainObserver& observer, Checkpointer* ch
                    std::size_t(samples)};
     stats.samples_per_s = seconds > 0 ? samples / seconds : 0.0;
     stats.seconds = seconds;
-    if (test) {
+    if (test && stopped_by_ == 0) {  // a stopping job has no time to evaluate
       stats.has_test = true;
       stats.test = evaluate(*test);
     }
@@ -319,7 +326,7 @@ void Trainer::run(const Dataset* test, TrainObserver& observer, Checkpointer* ch
   if (checkpointer->writing() && !checkpointer->saved(state_.step)) {
     observer.on_checkpoint(checkpointer->write(checkpoint()));
   }
-  if (!settings_.save.empty()) {
+  if (!settings_.save.empty() && stopped_by_ == 0) {
     const std::string saved = checkpointer->save_final(checkpoint());
     observer.on_save(comm_.rank() == 0 ? saved : std::string());
   }

@@ -61,6 +61,10 @@ class Trainer {
   // evaluating `test` (if any) after every epoch. With a checkpointer, writes checkpoints as
   // its cadence says, and at the end the final one (unless the newest is of this step
   // already) and the --save file.
+  // A stop requested on any rank (request_stop, stop.hpp) is agreed on by every rank after
+  // the step it arrives in: run() then ends there, without evaluating, writes the checkpoint
+  // of that step (with a checkpointer that writes) but no --save file, and
+  // stopped_by_signal() names the signal.
   void run(const Dataset* test, TrainObserver& observer, Checkpointer* checkpointer = nullptr);
   // One optimizer step on the global minibatch `global_batch` (sample indices). Given the
   // next step's batch, this rank's rows of it are gathered into the other half of a double
@@ -96,11 +100,15 @@ class Trainer {
   void reset_step_times() { times_ = {}; }
   // Whether run() has steps left to take.
   bool steps_left() const;
+  // The signal that stopped run() early (agreed by every rank), or 0.
+  int stopped_by_signal() const { return stopped_by_; }
 
  private:
   [[noreturn]] void diverged(std::uint64_t step, const MinibatchStats& stats) const;
   void check_agreement();
   void after_step(bool epoch_ended, TrainObserver& observer, Checkpointer* checkpointer);
+  // Whether any rank was asked to stop (collective with several ranks).
+  void agree_on_stop();
 
   Settings settings_;
   Communicator& comm_;
@@ -116,6 +124,7 @@ class Trainer {
   std::vector<std::uint32_t> order_;
   std::uint64_t order_epoch_ = UINT64_MAX;
   StepTimes times_;
+  int stopped_by_ = 0;
 };
 
 // Loss and accuracy of `params` over a whole data set, each rank evaluating its contiguous
