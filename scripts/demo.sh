@@ -2,7 +2,8 @@
 # The main job: installs the dependencies, builds shardprop, converts Fashion-MNIST from
 # Debian's dataset-fashion-mnist package to HDF5 and trains
 # 784,256:relu,128:relu,10:softmax on it with `mpirun -np 2` for 20 epochs.
-# Environment: RANKS (2), EPOCHS (20), DATA_DIR (build/fashion-mnist).
+# Environment: RANKS (2), EPOCHS (20), DATA_DIR (build/fashion-mnist). Extra arguments go to
+# `shardprop train` (e.g. --precision bf16).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${BUILD_DIR:-$root/build}
@@ -30,7 +31,7 @@ progress=never
   --layers 784,256:relu,128:relu,10:softmax --loss xent \
   --batch 256 --epochs "${EPOCHS:-20}" --lr 0.05 --lr-schedule cosine --momentum 0.9 --seed 1 \
   --metrics "$build/fashion-mnist.jsonl" --progress "$progress" \
-  --checkpoint-dir "$build/fashion-mnist-checkpoints" --checkpoint-every-epochs 5
+  --checkpoint-dir "$build/fashion-mnist-checkpoints" --checkpoint-every-epochs 5 "$@"
 
 echo "metrics: $build/fashion-mnist.jsonl"
 echo "model:   $build/fashion-mnist-checkpoints/$(cat "$build/fashion-mnist-checkpoints/latest")"
