@@ -2,6 +2,8 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+
+#include <csignal>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
@@ -21,6 +23,7 @@
 #include <thread>
 
 #include "shardprop/error.hpp"
+#include "shardprop/stop.hpp"
 #include "h5.hpp"
 #include "shardprop/train.hpp"
 #include "test_util.hpp"
@@ -470,6 +473,50 @@ TEST_F(CheckpointTest, CheckpointerWritesOnItsCadenceAndResumesTheRun) {
                                       path("run/ckpt-000000028.h5")}));
   Settings straight = config_for(OptimizerKind::sgd);
   EXPECT_TRUE(same_bits(resumed.params, train_on(2, straight).params));
+}
+
+// A stop request (a signal, stop.hpp) ends run() after the step it came in, on every rank:
+// the checkpoint of that step is written, the --save file is not, and the run resumes to the
+// bits of one never stopped.
+TEST_F(CheckpointTest, StopRequestEndsTheRunWithACheckpointOfThatStep) {
+  Settings config = config_for(OptimizerKind::sgd);
+  config.checkpoint_dir = path("run");
+  config.save = path("final.h5");
+  const GivenFlags given = {"--checkpoint-dir", "--save"};
+  std::vector<std::uint64_t> steps(2);
+  std::vector<int> signals(2);
+  clear_stop();
+  testing::run_ranks(2, [&](Communicator& comm) {
+    Checkpointer checkpointer(comm, config, given);
+    Trainer trainer(checkpointer.settings(), comm, data());
+    // Both ranks see the process-wide request: rank 0 makes it before its first step.
+    if (comm.rank() == 0) request_stop(SIGUSR1);
+    TrainObserver quiet;
+    trainer.run(nullptr, quiet, &checkpointer);
+    steps[std::size_t(comm.rank())] = trainer.state().step;
+    signals[std::size_t(comm.rank())] = trainer.stopped_by_signal();
+  });
+  clear_stop();
+  EXPECT_EQ(steps[0], 1u);
+  EXPECT_EQ(steps[1], 1u);
+  EXPECT_EQ(signals[0], SIGUSR1);
+  EXPECT_EQ(signals[1], SIGUSR1);
+  EXPECT_EQ(list_checkpoints(path("run")),
+            (std::vector<std::string>{path("run/ckpt-000000001.h5")}));
+  EXPECT_FALSE(fs::exists(path("final.h5")));
+  Settings resume;
+  resume.resume = path("run");
+  Checkpoint resumed;
+  testing::run_ranks(2, [&](Communicator& comm) {
+    Checkpointer checkpointer(comm, resume, {"--resume"});
+    Trainer trainer(checkpointer.settings(), comm, data());
+    trainer.restore(*checkpointer.resumed());
+    TrainObserver quiet;
+    trainer.run(nullptr, quiet, &checkpointer);
+    EXPECT_EQ(trainer.stopped_by_signal(), 0);
+    if (comm.rank() == 0) resumed = trainer.checkpoint();
+  });
+  EXPECT_TRUE(same_bits(resumed.params, train_on(2, config_for(OptimizerKind::sgd)).params));
 }
 
 TEST_F(CheckpointTest, FailedWriteLeavesThePreviousCheckpoint) {
