@@ -11,8 +11,9 @@ packages=(
   libgtest-dev libcli11-dev zlib1g-dev
   python3 python3-h5py python3-numpy python3-matplotlib
   dataset-fashion-mnist
-  # the fuzz targets (clang with libFuzzer) and the multi-host test (network namespaces)
-  clang libclang-rt-14-dev iproute2
+  # the fuzz targets (clang with libFuzzer), the multi-host test (network namespaces) and the
+  # Slurm test (a controller and node daemon of its own)
+  clang libclang-rt-14-dev iproute2 slurm-wlm munge
 )
 
 missing=()
