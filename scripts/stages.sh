@@ -37,7 +37,7 @@ stage_ctest() {
   local dir
   dir=$(stage_dir "$1")
   if [ "$1" = openblas ]; then
-    (cd "$dir" && SHARDPROP_GEMM=openblas ctest -j "$(nproc)" -E '^(mpi_np|e2e_)' "${@:2}")
+    (cd "$dir" && SHARDPROP_GEMM=openblas ctest -j "$(nproc)" -E '^(mpi_np|e2e_|slurm$)' "${@:2}")
   else
     (cd "$dir" && ctest -j "$(nproc)" "${@:2}")
   fi
