@@ -8,16 +8,15 @@
 # The moments come from CHAOS_SEED (printed; set it to replay a run): each fault lands a
 # random 0-250 ms after the run has written a checkpoint newer than the one it resumed from.
 # usage: e2e_chaos.sh SHARDPROP MAKE_BLOBS CHECKPOINT_TOOL MPIEXEC [MPIEXEC FLAGS...]
-set -euo pipefail
-shardprop=$1 make_blobs=$2 tool=$3
-shift 3
-mpirun=("$@")
+extras=1
+# shellcheck source=tests/e2e_lib.sh
+. "$(dirname "$0")/e2e_lib.sh"
+tool=${extra[0]}
 python=/usr/bin/python3
 faults=${CHAOS_FAULTS:-30}
 seed=${CHAOS_SEED:-$(($(date +%s%N) % 1000000))}
 echo "e2e_chaos: seed $seed, $faults faults (CHAOS_SEED=$seed replays the moments)"
 RANDOM=$seed
-work=$(mktemp -d)
 trap 'pkill -KILL -f "^$shardprop train .*$work" 2> /dev/null || true; rm -rf "$work"' EXIT
 cd "$work"
 "$make_blobs" train.h5 test.h5 > /dev/null

@@ -212,6 +212,23 @@ TEST(GemmBackend, NamesAreCheckedAndAutoIsTheDefault) {
   for (gemm::Backend b : gemm::backends()) EXPECT_FALSE(gemm::describe(b).empty());
 }
 
+// A model of 40 inputs and 6 classes, its parameters and a batch of 45 rows.
+template <class T>
+struct Problem {
+  ModelSpec spec;
+  Layout layout;
+  AlignedVector<T> params;
+  RowMatrix<T> x, y;
+  explicit Problem(const char* layers)
+      : spec(parse_model(layers, "xent")),
+        layout(spec),
+        params(layout.size()),
+        x(testing::random_matrix<T>(45, 40, 31)),
+        y(testing::random_targets<T>(Loss::xent, 45, 6, 32)) {
+    init_params<T>(spec, layout, 3, std::span<T>(params));
+  }
+};
+
 // bf16 mode: the gradient of a small model with every operand of its products rounded to
 // bfloat16 stays close to the exact (double) gradient. bfloat16 keeps 8 significant bits, a
 // relative rounding of at most u = 2⁻⁸ per operand; through three smooth layers forward and
@@ -222,13 +239,8 @@ TEST(GemmBackend, NamesAreCheckedAndAutoIsTheDefault) {
 // up to 0.12 of the layer's largest entry), a property of bf16 training, not of the kernels.
 TEST(Bf16, GradientIsTheFloat32GradientToBfloat16Rounding) {
   if (!gemm::bf16_supported()) GTEST_SKIP() << gemm::bf16_unsupported_reason();
-  const ModelSpec spec = parse_model("40,32:tanh,24:sigmoid,6:softmax", "xent");
-  const Layout layout(spec);
-  AlignedVector<double> params(layout.size());
-  init_params<double>(spec, layout, 3, std::span<double>(params));
-  const std::size_t batch = 45;
-  const RowMatrix<double> x = testing::random_matrix<double>(batch, 40, 31);
-  const RowMatrix<double> y = testing::random_targets<double>(Loss::xent, batch, 6, 32);
+  const Problem<double> problem("40,32:tanh,24:sigmoid,6:softmax");
+  const auto& [spec, layout, params, x, y] = problem;
   Mlp<double> exact_mlp(spec);
   const testing::Gradient<double> exact =
       testing::full_batch_gradient<double>(exact_mlp, params, testing::view(x), testing::view(y));
@@ -258,13 +270,9 @@ TEST(Bf16, GradientIsTheFloat32GradientToBfloat16Rounding) {
 // rounding (2e-6, as reducer_test), the second at most 2⁻⁸ of one row's term in 45: 2e-3.
 TEST(Bf16, ShardedGradientEqualsTheFullBatchGradient) {
   if (!gemm::bf16_supported()) GTEST_SKIP() << gemm::bf16_unsupported_reason();
-  const ModelSpec spec = parse_model("40,32:relu,24:tanh,6:softmax", "xent");
-  const Layout layout(spec);
-  AlignedVector<float> params(layout.size());
-  init_params<float>(spec, layout, 3, std::span<float>(params));
-  const std::size_t batch = 45;
-  const RowMatrix<float> x = testing::random_matrix<float>(batch, 40, 31);
-  const RowMatrix<float> y = testing::random_targets<float>(Loss::xent, batch, 6, 32);
+  const Problem<float> problem("40,32:relu,24:tanh,6:softmax");
+  const auto& [spec, layout, params, x, y] = problem;
+  const std::size_t batch = std::size_t(x.rows());
   Mlp<float> full_mlp(spec, 0, Precision::bf16);
   const testing::Gradient<float> full =
       testing::full_batch_gradient<float>(full_mlp, params, testing::view(x), testing::view(y));
