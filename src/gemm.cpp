@@ -79,6 +79,15 @@ Eigen::Index depth(Op op_a, const View<const T>& a) {
   return op_a == Op::none ? a.cols : a.rows;
 }
 
+// c = beta·c (0 for beta 0, whatever c held): a product of depth 0.
+template <class T>
+void scale(T beta, const View<T>& c) {
+  for (Eigen::Index r = 0; r < c.rows; ++r) {
+    T* row = c.data + r * c.ld;
+    for (Eigen::Index j = 0; j < c.cols; ++j) row[j] = beta == T(0) ? T(0) : beta * row[j];
+  }
+}
+
 #ifdef SHARDPROP_HAVE_ONEDNN
 void check_dnnl(dnnl_status_t status, const char* call) {
   SP_CHECK(status == dnnl_success, "oneDNN: ", call, " failed with status ", int(status));
@@ -373,11 +382,8 @@ template <class T>
 void multiply(Backend backend, Op op_a, Op op_b, T alpha, const View<const T>& a,
               const View<const T>& b, T beta, const View<T>& c) {
   if (c.rows == 0 || c.cols == 0) return;
-  if (depth(op_a, a) == 0) {  // c = beta·c; oneDNN would leave c as it is for beta 0
-    for (Eigen::Index r = 0; r < c.rows; ++r) {
-      T* row = c.data + r * c.ld;
-      for (Eigen::Index j = 0; j < c.cols; ++j) row[j] = beta == T(0) ? T(0) : beta * row[j];
-    }
+  if (depth(op_a, a) == 0) {  // oneDNN would leave c as it is for beta 0
+    scale(beta, c);
     return;
   }
   switch (backend) {
@@ -407,7 +413,7 @@ void multiply_bf16(Op op_a, Op op_b, const View<const Bf16>& a, const View<const
   if (c.rows == 0 || c.cols == 0) return;
 #ifdef SHARDPROP_HAVE_ONEDNN
   if (depth(op_a, a) == 0) {  // oneDNN refuses a product of depth 0: it is zeros
-    for (Eigen::Index r = 0; r < c.rows; ++r) std::fill_n(c.data + r * c.ld, c.cols, 0.0f);
+    scale(0.0f, c);
     return;
   }
   onednn_multiply_bf16(op_a, op_b, a, b, c);

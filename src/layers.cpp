@@ -178,18 +178,18 @@ void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, Matri
       c1 += p0;
       auto sum = db.segment(Eigen::Index(c0), Eigen::Index(c1 - c0));
       // 0 rows: a product of depth 0, which gives zeros.
-      if constexpr (std::is_same_v<T, float>) {
-        if (x_bf16) {
-          gemm::multiply_bf16(Op::transpose, Op::none, bf16_view(x_bf16, x, 0, x.cols()),
-                              bf16_view(delta_bf16, delta, c0, c1 - c0), cols_of(dw, c0, c1 - c0));
-        } else {
-          gemm::multiply<T>(Op::transpose, Op::none, T(1), whole(x), cols_of(delta, c0, c1 - c0),
-                            T(0), cols_of(dw, c0, c1 - c0));
+      const auto product = [&] {
+        if constexpr (std::is_same_v<T, float>) {
+          if (x_bf16) {
+            return gemm::multiply_bf16(Op::transpose, Op::none, bf16_view(x_bf16, x, 0, x.cols()),
+                                       bf16_view(delta_bf16, delta, c0, c1 - c0),
+                                       cols_of(dw, c0, c1 - c0));
+          }
         }
-      } else {
         gemm::multiply<T>(Op::transpose, Op::none, T(1), whole(x), cols_of(delta, c0, c1 - c0),
                           T(0), cols_of(dw, c0, c1 - c0));
-      }
+      };
+      product();
       // The summed bias rows, row by row: contiguous reads (a column sum of a row-major
       // matrix would stride through memory).
       sum.setZero();
@@ -210,36 +210,50 @@ void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, Matri
   }
 }
 
+namespace {
+
+// The bf16 mode's row_products: out = in·op(w) on bfloat16 operands (in_bf16 (rows, k),
+// w_bf16 (k, m) for Op::none and (m, k) for Op::transpose), split into row blocks, each then
+// finished by finish(z) on the rows just computed, whose rounding goes to out_bf16 if given.
+void row_products_bf16(const std::uint16_t* in_bf16, Eigen::Index k, const std::uint16_t* w_bf16,
+                       Op op_w, MatrixView<float> out, std::uint16_t* out_bf16,
+                       FunctionRef<std::size_t, std::size_t> finish) {
+  const auto rows = static_cast<std::size_t>(out.rows());
+  const Eigen::Index m = out.cols();
+  const gemm::View<const std::uint16_t> w =
+      op_w == Op::none ? gemm::View<const std::uint16_t>{w_bf16, k, m, m}
+                       : gemm::View<const std::uint16_t>{w_bf16, m, k, k};
+  for_blocks(rows, block_size(rows, kMinRows, 1), [&](std::size_t r0, std::size_t r1) {
+    const auto r = Eigen::Index(r0), n = Eigen::Index(r1 - r0);
+    gemm::multiply_bf16(Op::none, op_w, {in_bf16 + r * k, n, k, k}, w, rows_of(out, r0, r1 - r0));
+    finish(r0, r1 - r0);
+    if (out_bf16) gemm::to_bf16(out.data() + r * m, out_bf16 + r * m, std::size_t(n * m));
+  });
+}
+
+}  // namespace
+
 void dense_forward_bf16(ConstMatrixView<float> x, const std::uint16_t* x_bf16,
                         const std::uint16_t* w_bf16, ConstRowVectorView<float> b, Activation act,
                         MatrixView<float> out, std::uint16_t* out_bf16) {
-  const auto rows = static_cast<std::size_t>(x.rows());
-  const Eigen::Index in = x.cols(), width = out.cols();
-  for_blocks(rows, block_size(rows, kMinRows, 1), [&](std::size_t r0, std::size_t r1) {
-    const auto r = Eigen::Index(r0), n = Eigen::Index(r1 - r0);
-    gemm::multiply_bf16(Op::none, Op::none, {x_bf16 + r * in, n, in, in},
-                        {w_bf16, in, width, width}, rows_of(out, r0, r1 - r0));
-    auto z = out.middleRows(r, n);
-    z.rowwise() += b;
-    activate<float>(act, z);
-    if (out_bf16) gemm::to_bf16(z.data(), out_bf16 + r * width, std::size_t(n * width));
-  });
+  row_products_bf16(x_bf16, x.cols(), w_bf16, Op::none, out, out_bf16,
+                    [&](std::size_t r0, std::size_t n) {
+                      auto z = out.middleRows(Eigen::Index(r0), Eigen::Index(n));
+                      z.rowwise() += b;
+                      activate<float>(act, z);
+                    });
 }
 
 void dense_backward_input_bf16(ConstMatrixView<float> delta, const std::uint16_t* delta_bf16,
                                const std::uint16_t* w_bf16, ConstMatrixView<float> a_prev,
                                Activation act_prev, MatrixView<float> dx, std::uint16_t* dx_bf16) {
-  const auto rows = static_cast<std::size_t>(delta.rows());
-  const Eigen::Index out = delta.cols(), in = dx.cols();
-  for_blocks(rows, block_size(rows, kMinRows, 1), [&](std::size_t r0, std::size_t r1) {
-    const auto r = Eigen::Index(r0), n = Eigen::Index(r1 - r0);
-    // dx = δ·wᵀ with w (in, out).
-    gemm::multiply_bf16(Op::none, Op::transpose, {delta_bf16 + r * out, n, out, out},
-                        {w_bf16, in, out, out}, rows_of(dx, r0, r1 - r0));
-    auto d = dx.middleRows(r, n);
-    activation_derivative_mul<float>(act_prev, a_prev.middleRows(r, n), d);
-    if (dx_bf16) gemm::to_bf16(d.data(), dx_bf16 + r * in, std::size_t(n * in));
-  });
+  // dx = δ·wᵀ with w (in, out), then ⊙ act'(a_prev).
+  row_products_bf16(delta_bf16, delta.cols(), w_bf16, Op::transpose, dx, dx_bf16,
+                    [&](std::size_t r0, std::size_t n) {
+                      const auto r = Eigen::Index(r0), k = Eigen::Index(n);
+                      activation_derivative_mul<float>(act_prev, a_prev.middleRows(r, k),
+                                                       dx.middleRows(r, k));
+                    });
 }
 
 void round_bf16(ConstMatrixView<float> m, std::uint16_t* out) {

@@ -192,17 +192,19 @@ void Mlp<T>::forward_backward(std::span<const T> params, ConstMatrixView<T> x,
     if (l > 0) {  // δ of the layer below
       const MatrixView<T> dx(ws_->delta[1 - current].data(), Eigen::Index(rows),
                              Eigen::Index(layer.in));
-      if constexpr (std::is_same_v<T, float>) {
-        if (bf16) {
-          dense_backward_input_bf16(delta, ws_->delta16[current].data(), ws_->w16[l].data(),
-                                    input, spec_.layers[l - 1].activation, dx,
-                                    ws_->delta16[1 - current].data());
+      const auto backward_input = [&] {
+        if constexpr (std::is_same_v<T, float>) {
+          if (bf16) {
+            return dense_backward_input_bf16(delta, ws_->delta16[current].data(),
+                                             ws_->w16[l].data(), input,
+                                             spec_.layers[l - 1].activation, dx,
+                                             ws_->delta16[1 - current].data());
+          }
         }
-      }
-      if (!bf16) {
         dense_backward_input<T>(delta, layout_.weights(params, l), input,
                                 spec_.layers[l - 1].activation, dx, chunk_, ws_->scratch);
-      }
+      };
+      backward_input();
       reducer.progress();
     }
     current = 1 - current;

@@ -1,6 +1,5 @@
 #include "shardprop/train.hpp"
 
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
