@@ -32,6 +32,7 @@ class LocalGroup {
     Member(LocalGroup& group, int rank) : group_(group), rank_(rank) {}
     int rank() const override { return rank_; }
     int size() const override { return group_.size_; }
+    bool single_node() const override { return true; }
 
    protected:
     void allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op) override {

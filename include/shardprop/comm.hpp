@@ -58,6 +58,10 @@ class Communicator {
   void broadcast(std::span<T> data, int root) {
     broadcast_bytes(data.data(), data.size_bytes(), root);
   }
+  // Whether every rank runs on this rank's node (and can share its memory).
+  virtual bool single_node() const { return false; }
+  // Seconds a collective may wait for the other ranks (0: forever).
+  virtual double timeout_seconds() const { return 0; }
   // Lets started reductions advance while the caller computes.
   virtual void progress() {}
   // Completes every started reduction.
@@ -139,6 +143,8 @@ class MpiComm final : public Communicator {
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
+  bool single_node() const override { return ranks_on_node_ == size_; }
+  double timeout_seconds() const override { return timeout_s_; }
   void progress() override;
   // A failed or abandoned step leaves requests that MPI_Finalize or MPI_Abort reclaim
   // (never a wait in the destructor).
