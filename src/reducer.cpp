@@ -1,13 +1,16 @@
 #include "shardprop/reducer.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <new>
 #include <vector>
 
 #include "fixed_point.hpp"
 #include "layers.hpp"
+#include "node_memory.hpp"
 #include "shardprop/error.hpp"
 
 namespace shardprop {
@@ -23,6 +26,54 @@ double seconds(Clock::time_point from, Clock::time_point to) {
 // The reduced buffers hold the flat gradient followed by these statistics, so that one
 // reduction covers all of them.
 enum Stat : std::size_t { kLossSum = 0, kCorrect = 1, kSamples = 2, kStats = 3 };
+
+// Layer l's gradient sums over this rank's rows, into `grad` (the parameters' layout).
+template <class T>
+void layer_sums(const Layout& layout, std::span<T> grad, std::size_t l, ConstMatrixView<T> input,
+                ConstMatrixView<T> delta, Bf16Operands bf16, Callback progress) {
+  dense_backward_params<T>(input, delta, layout.weights(grad, l), layout.bias(grad, l), progress,
+                           bf16.input, bf16.delta);
+}
+
+// mean[i] = (sums[0][i] + sums[1][i] + …) · scale for i in `range`, adding the sources in
+// their order; returns the first layer whose part of the range holds NaN or Inf, or −1.
+// x·0 is 0 for every finite x and NaN otherwise: Eigen's sum runs in vector lanes, where a
+// plain loop would add one element at a time (a float sum may not be reordered); the order
+// of a sum of zeros cannot matter. Blocks of 4096 are summed, scaled and probed in L1.
+template <class T>
+int mean_and_probe(const Layout& layout, std::span<const T* const> sums, T* mean, Range range,
+                   T scale) {
+  using Array = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+  using ConstArray = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
+  constexpr std::size_t kBlock = 4096;
+  for (std::size_t l = 0; l < layout.layer_count(); ++l) {
+    const auto [layer_begin, layer_end] = layout.layer_range(l);
+    const std::size_t begin = std::max(layer_begin, range.begin);
+    const std::size_t end = std::min(layer_end, range.end);
+    T probe = 0;
+    for (std::size_t i = begin; i < end; i += kBlock) {
+      const auto count = Eigen::Index(std::min(kBlock, end - i));
+      Array block(mean + i, count);
+      if (sums[0] != mean) block = ConstArray(sums[0] + i, count);
+      for (std::size_t r = 1; r < sums.size(); ++r) block += ConstArray(sums[r] + i, count);
+      block *= scale;
+      probe += (block * T(0)).sum();
+    }
+    if (probe != T(0)) return int(l);
+  }
+  return -1;
+}
+
+// Evaluation sums in double over all ranks through MPI.
+EvalStats float_losses(Communicator& comm, std::span<const LossSums> parts, std::size_t rows) {
+  double sums[3] = {0, 0, double(rows)};
+  for (const LossSums& s : parts) {
+    sums[0] += s.loss;
+    sums[1] += s.correct;
+  }
+  comm.allreduce_sum(std::span<double>(sums));
+  return {sums[0] / sums[2], sums[1] / sums[2], std::size_t(sums[2])};
+}
 
 // The default reducer: float sums of this rank's rows, reduced per layer as soon as backward
 // has finished it (overlap), or the whole buffer once after backward.
@@ -54,9 +105,8 @@ class FloatReducer final : public GradReducer<T> {
     // overlap nothing is pending, so the calls return at once.
     const auto advance = [this] { comm_.progress(); };
     const std::span<T> grad(grad_);
-    dense_backward_params<T>(input, delta, layout_.weights(grad, l), layout_.bias(grad, l),
-                             comm_.size() > 1 ? Callback(advance) : Callback(), bf16.input,
-                             bf16.delta);
+    layer_sums(layout_, grad, l, input, delta, bf16,
+               comm_.size() > 1 ? Callback(advance) : Callback());
     if (overlap_) {
       const auto [begin, end] = layout_.layer_range(l);
       comm_.start_allreduce_sum(grad.subspan(begin, end - begin));
@@ -66,7 +116,7 @@ class FloatReducer final : public GradReducer<T> {
 
   void progress() override { comm_.progress(); }
 
-  MinibatchStats finish(Callback before_wait, StepTimes* times) override {
+  MinibatchStats finish(Callback before_wait, StepTimes* times, ShareUpdate<T>*) override {
     const std::size_t n = layout_.size();
     const std::span<T> grad(grad_);
     // Without overlap, one reduction of the whole buffer, the statistics included.
@@ -82,23 +132,9 @@ class FloatReducer final : public GradReducer<T> {
     MinibatchStats stats{double(grad_[n + kLossSum]), double(grad_[n + kCorrect]),
                          double(grad_[n + kSamples])};
     SP_CHECK(stats.samples > 0, "global minibatch is empty");
-    // One pass per layer divides by the sample count and notices NaN or Inf: x·0 is 0 for
-    // every finite x and NaN otherwise. Eigen's sum runs in vector lanes, where a plain loop
-    // would add one element at a time (a float sum may not be reordered); the order of a sum
-    // of zeros cannot matter. Blocks of 4096 are scaled and probed while in L1.
-    using Array = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
-    constexpr std::size_t kBlock = 4096;
-    const T scale = T(1) / T(stats.samples);
-    for (std::size_t l = 0; l < layout_.layer_count(); ++l) {
-      const auto [begin, end] = layout_.layer_range(l);
-      T probe = 0;
-      for (std::size_t i = begin; i < end; i += kBlock) {
-        Array block(grad_.data() + i, Eigen::Index(std::min(kBlock, end - i)));
-        block *= scale;
-        probe += (block * T(0)).sum();
-      }
-      if (probe != T(0) && stats.nonfinite_layer < 0) stats.nonfinite_layer = int(l);
-    }
+    const T* sums = grad_.data();
+    stats.nonfinite_layer = mean_and_probe<T>(layout_, std::span<const T* const>(&sums, 1),
+                                              grad_.data(), {0, n}, T(1) / T(stats.samples));
     return stats;
   }
 
@@ -108,13 +144,7 @@ class FloatReducer final : public GradReducer<T> {
 
   EvalStats reduce_losses(std::span<const LossSums> parts, std::size_t rows,
                           std::size_t) override {
-    double sums[3] = {0, 0, double(rows)};
-    for (const LossSums& s : parts) {
-      sums[0] += s.loss;
-      sums[1] += s.correct;
-    }
-    comm_.allreduce_sum(std::span<double>(sums));
-    return {sums[0] / sums[2], sums[1] / sums[2], std::size_t(sums[2])};
+    return float_losses(comm_, parts, rows);
   }
 
  private:
@@ -122,6 +152,156 @@ class FloatReducer final : public GradReducer<T> {
   Communicator& comm_;
   bool overlap_;
   AlignedVector<T> grad_;
+  std::size_t rows_ = 0;
+  Clock::time_point start_;
+};
+
+// The node reducer. Every rank writes its gradient sums into its own segment of memory the
+// node's ranks share. After backward the ranks meet; each takes its share of the elements
+// and either runs the optimizer's update on it, reading the sums of every segment (the
+// trainer's case: one pass, from one copy of the parameters and optimizer state into the
+// other), or writes the mean gradient; then they meet again to agree on its finiteness.
+template <class T>
+class NodeReducer final : public GradReducer<T> {
+ public:
+  // One rank's statistics and finding, in its own cache line.
+  struct alignas(64) Slot {
+    double loss = 0, correct = 0, samples = 0;
+    int nonfinite_layer = -1;
+  };
+
+  // The shared memory: the barrier, one slot per rank, each rank's sums, the mean gradient,
+  // then two copies of `storage` values for the trainer, each part 64-byte aligned.
+  struct Parts {
+    std::size_t slots, segments, mean, storage[2], bytes;
+    Parts(std::size_t n, int ranks, std::size_t storage_values) {
+      const auto up = [](std::size_t b) { return (b + 63) / 64 * 64; };
+      slots = up(sizeof(NodeBarrier));
+      segments = up(slots + std::size_t(ranks) * sizeof(Slot));
+      mean = up(segments + std::size_t(ranks) * n * sizeof(T));
+      storage[0] = up(mean + n * sizeof(T));
+      storage[1] = up(storage[0] + storage_values * sizeof(T));
+      bytes = storage[1] + storage_values * sizeof(T);
+    }
+  };
+
+  NodeReducer(const Layout& layout, Communicator& comm, std::unique_ptr<NodeMemory> memory,
+              std::size_t storage)
+      : layout_(layout), comm_(comm), memory_(std::move(memory)), storage_size_(storage) {
+    const std::size_t n = layout.size();
+    const Parts parts(n, comm.size(), storage);
+    SP_CHECK(memory_->size() >= parts.bytes, "node memory too small");
+    std::byte* base = memory_->data();
+    // Zeroed memory is the barrier's initial state.
+    barrier_ = std::launder(reinterpret_cast<NodeBarrier*>(base));
+    slots_ = std::launder(reinterpret_cast<Slot*>(base + parts.slots));
+    T* segments = reinterpret_cast<T*>(base + parts.segments);
+    for (int r = 0; r < comm.size(); ++r) segments_.push_back(segments + std::size_t(r) * n);
+    own_ = segments + std::size_t(comm.rank()) * n;
+    mean_ = reinterpret_cast<T*>(base + parts.mean);
+    for (int c = 0; c < 2; ++c) storage_[c] = reinterpret_cast<T*>(base + parts.storage[c]);
+    // Shares split the elements at multiples of the layout's alignment (64 bytes of float).
+    const std::size_t units = n / Layout::kAlign, r = std::size_t(comm.rank());
+    const auto p = std::size_t(comm.size());
+    share_ = {units * r / p * Layout::kAlign, units * (r + 1) / p * Layout::kAlign};
+    if (comm.rank() == 0) {
+      for (int q = 0; q < comm.size(); ++q) new (&slots_[q]) Slot;
+    }
+    meet("the node reducer's start");
+  }
+
+  std::size_t chunk() const override { return 0; }
+
+  void begin(std::size_t rows, std::size_t) override {
+    rows_ = rows;
+    start_ = Clock::now();
+  }
+
+  void loss(std::span<const LossSums> sums) override {
+    Slot& mine = slots_[comm_.rank()];
+    mine.loss = sums[0].loss;
+    mine.correct = sums[0].correct;
+    mine.samples = double(rows_);
+  }
+
+  void layer(std::size_t l, ConstMatrixView<T> input, ConstMatrixView<T> delta,
+             Bf16Operands bf16) override {
+    layer_sums(layout_, std::span<T>(own_, layout_.size()), l, input, delta, bf16, Callback());
+  }
+
+  void progress() override {}
+
+  MinibatchStats finish(Callback before_wait, StepTimes* times, ShareUpdate<T>* update) override {
+    const auto computed = Clock::now();
+    before_wait();
+    const auto waiting = Clock::now();
+    meet("the gradient's reduction");
+    double wait = seconds(waiting, Clock::now());
+    MinibatchStats stats;
+    for (int r = 0; r < comm_.size(); ++r) {
+      stats.loss_sum += slots_[r].loss;
+      stats.correct += slots_[r].correct;
+      stats.samples += slots_[r].samples;
+    }
+    SP_CHECK(stats.samples > 0, "global minibatch is empty");
+    const T scale = T(1) / T(stats.samples);
+    int first = -1;  // this share's first layer with a NaN or Inf
+    if (update) {
+      for (std::size_t l = 0; l < layout_.layer_count() && first < 0; ++l) {
+        const auto [begin, end] = layout_.layer_range(l);
+        const Range part{std::max(begin, share_.begin), std::min(end, share_.end)};
+        if (part.begin < part.end && !(*update)(segments_, scale, part)) first = int(l);
+      }
+    } else {
+      first = mean_and_probe<T>(layout_, segments_, mean_, share_, scale);
+    }
+    slots_[comm_.rank()].nonfinite_layer = first;
+    const auto checked = Clock::now();
+    meet("the mean gradient's check");
+    wait += seconds(checked, Clock::now());
+    for (int r = 0; r < comm_.size(); ++r) {
+      const int l = slots_[r].nonfinite_layer;
+      if (l >= 0 && (stats.nonfinite_layer < 0 || l < stats.nonfinite_layer)) {
+        stats.nonfinite_layer = l;
+      }
+    }
+    if (times) {
+      times->compute += seconds(start_, computed);
+      times->allreduce += wait;
+    }
+    return stats;
+  }
+
+  std::span<const T> gradient() const override {
+    return std::span<const T>(mean_, layout_.size());
+  }
+  bool fuses_update() const override { return true; }
+
+  std::span<T> shared_storage(int copy) override {
+    return std::span<T>(storage_[copy & 1], storage_size_);
+  }
+  Range share() const override { return share_; }
+  void shared_written() override { meet("the parameters' update"); }
+
+  EvalStats reduce_losses(std::span<const LossSums> parts, std::size_t rows,
+                          std::size_t) override {
+    return float_losses(comm_, parts, rows);
+  }
+
+ private:
+  void meet(const char* what) { barrier_->arrive_and_wait(comm_.size(), comm_, what); }
+
+  Layout layout_;
+  Communicator& comm_;
+  std::unique_ptr<NodeMemory> memory_;
+  std::size_t storage_size_;
+  NodeBarrier* barrier_ = nullptr;
+  Slot* slots_ = nullptr;
+  std::vector<const T*> segments_;  // each rank's sums
+  T* own_ = nullptr;                // this rank's
+  T* mean_ = nullptr;
+  T* storage_[2] = {nullptr, nullptr};
+  Range share_;
   std::size_t rows_ = 0;
   Clock::time_point start_;
 };
@@ -213,7 +393,7 @@ class FixedPointReducer final : public GradReducer<float> {
 
   void progress() override { comm_.progress(); }
 
-  MinibatchStats finish(Callback before_wait, StepTimes* times) override {
+  MinibatchStats finish(Callback before_wait, StepTimes* times, ShareUpdate<float>*) override {
     const std::size_t n = layout_.size(), layers = layout_.layer_count();
     if (rows_ > 0 && loss_finite_) {
       for (const LossSums& s : chunk_sums_) sums_[n + kLossSum] += to_fixed(s.loss, loss_exp_);
@@ -307,6 +487,21 @@ std::unique_ptr<GradReducer<T>> make_reducer(const Layout& layout, Communicator&
   }
 }
 
+template <class T>
+std::unique_ptr<GradReducer<T>> make_node_reducer(const Layout& layout, Communicator& comm,
+                                                  std::size_t storage, std::string& why) {
+  const typename NodeReducer<T>::Parts parts(layout.size(), comm.size(), storage);
+  auto memory = NodeMemory::create(comm, parts.bytes, why);
+  if (!memory) return nullptr;
+  return std::make_unique<NodeReducer<T>>(layout, comm, std::move(memory), storage);
+}
+
+template std::unique_ptr<GradReducer<float>> make_node_reducer<float>(const Layout&,
+                                                                      Communicator&, std::size_t,
+                                                                      std::string&);
+template std::unique_ptr<GradReducer<double>> make_node_reducer<double>(const Layout&,
+                                                                        Communicator&,
+                                                                        std::size_t, std::string&);
 template std::unique_ptr<GradReducer<float>> make_reducer<float>(const Layout&, Communicator&,
                                                                  std::size_t, bool);
 template std::unique_ptr<GradReducer<double>> make_reducer<double>(const Layout&, Communicator&,

@@ -61,9 +61,14 @@ const SettingSpec kTable[] = {
    false, kInf, false},
   {"--chunk", &Settings::chunk, "Rows per chunk in --deterministic mode: the unit of work "
    "that ranks and threads share", R::restored, "/train/chunk", v3, nullptr, 0, true, kInf, false},
-  {"--overlap", &Settings::overlap, "on: reduce each layer's gradient while backward goes on; "
+  {"--overlap", &Settings::overlap, "With the MPI reduction, on: reduce each layer's gradient "
+   "while backward goes on; "
    "off: the whole gradient at once after it (for measuring)", R::invocation, nullptr, 0,
    "on|off", kNone, false, kInf, false},
+  {"--reduction", &Settings::reduction, "How the ranks reduce the gradient: node (through "
+   "memory the ranks of one node share, each updating 1/P of the parameters), mpi "
+   "(MPI_Iallreduce), or auto (node when every rank runs on one node, else mpi)",
+   R::invocation, nullptr, 0, "auto|node|mpi", kNone, false, kInf, false},
   {"--precision", &Settings::precision, "fp32, or bf16: products on bfloat16 operands with "
    "float32 sums (needs AVX512_BF16; weights, gradients and checkpoints stay float32)",
    R::restored, "/train/precision", v4, "fp32|bf16", kNone, false, kInf, false},

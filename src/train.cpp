@@ -51,6 +51,54 @@ Mlp<float> training_model(const Settings& s) {
                     parse_precision(s.precision));
 }
 
+// The reducer of a run (--deterministic, --reduction, --overlap). The node reducer also
+// holds the parameters and the optimizer's state, one copy for the node's ranks.
+std::unique_ptr<GradReducer<float>> training_reducer(const Settings& s, const Layout& layout,
+                                                     Communicator& comm) {
+  const bool node = s.reduction == "node" || (s.reduction == "auto" && comm.size() > 1);
+  if (s.deterministic || !node) {
+    SP_CHECK_USAGE(!s.deterministic || s.reduction != "node", "--reduction node: the "
+                   "--deterministic mode reduces in fixed point through MPI");
+    return make_reducer<float>(layout, comm, s.deterministic_chunk(), s.overlap != "off");
+  }
+  const std::size_t n = layout.size();
+  std::string why;
+  auto reducer = make_node_reducer<float>(
+      layout, comm, n + Optimizer::state_size(parse_optimizer(s.optimizer), n), why);
+  if (reducer) return reducer;
+  SP_CHECK_USAGE(s.reduction != "node", "--reduction node: ", why);
+  return make_reducer<float>(layout, comm, 0, s.overlap != "off");
+}
+
+// The parts of a copy of the node reducer's shared storage: the parameters (the first
+// `params` values) or the optimizer's state (the rest); empty without shared storage.
+std::span<float> shared_params(GradReducer<float>& reducer, int copy, std::size_t params) {
+  const std::span<float> storage = reducer.shared_storage(copy);
+  return storage.empty() ? storage : storage.first(params);
+}
+std::span<float> shared_state(GradReducer<float>& reducer, int copy, std::size_t params) {
+  const std::span<float> storage = reducer.shared_storage(copy);
+  return storage.empty() ? storage : storage.subspan(params);
+}
+
+// The node reducer's update of a share: the step's optimizer update from the current copy
+// of the parameters and state into the other one.
+class IntoOtherCopy final : public ShareUpdate<float> {
+ public:
+  IntoOtherCopy(const Optimizer& optimizer, std::span<const float> params,
+                std::span<float> params_out, std::span<float> state_out)
+      : optimizer_(optimizer), params_(params), params_out_(params_out), state_out_(state_out) {}
+  bool operator()(std::span<const float* const> sums, float scale, Range part) override {
+    return optimizer_.update_share(sums, scale, params_, params_out_, state_out_, part.begin,
+                                   part.end);
+  }
+
+ private:
+  const Optimizer& optimizer_;
+  std::span<const float> params_;
+  std::span<float> params_out_, state_out_;
+};
+
 }  // namespace
 
 Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& train)
@@ -58,15 +106,19 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
       comm_(comm),
       train_(train),
       mlp_(training_model(settings)),
-      reducer_(make_reducer<float>(mlp_.layout(), comm, settings.deterministic_chunk(),
-                                   settings.overlap != "off")),
-      optimizer_(optimizer_config(settings), mlp_.layout().size()) {
+      reducer_(training_reducer(settings, mlp_.layout(), comm)),
+      params_(shared_params(*reducer_, 0, mlp_.layout().size())),
+      optimizer_(optimizer_config(settings), mlp_.layout().size(),
+                 shared_state(*reducer_, 0, mlp_.layout().size())) {
   SP_CHECK_USAGE(settings_.batch >= std::size_t(comm_.size()), "--batch ", settings_.batch,
                  " is smaller than the number of ranks (", comm_.size(), ")");
   SP_CHECK_USAGE(settings_.batch <= train_.rows, "--batch ", settings_.batch,
                  " is larger than the training set (", train_.rows, " samples)");
   check_agreement();
-  params_.assign(mlp_.layout().size(), 0.0f);
+  if (params_.empty()) {
+    own_params_.assign(mlp_.layout().size(), 0.0f);
+    params_ = own_params_;
+  }
   std::size_t shard_rows = 0;  // the most rows any rank's shard can hold
   for (int r = 0; r < comm_.size(); ++r) {
     shard_rows = std::max(
@@ -78,7 +130,11 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
   }
   mlp_.reserve(std::max(shard_rows, pass_rows(settings_.eval_batch, train_.rows, mlp_.chunk())));
   if (comm_.rank() == 0) init_params<float>(spec(), layout(), settings_.seed, params_);
-  comm_.broadcast(std::span<float>(params_), 0);
+  if (own_params_.size() > 0) {
+    comm_.broadcast(params_, 0);
+  } else {
+    reducer_->shared_written();  // rank 0 wrote the node's one copy
+  }
 }
 
 void Trainer::check_agreement() {
@@ -161,16 +217,34 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
   reducer_->begin(shard.size(), global_batch.size());
   mlp_.forward_backward(params_, ConstMatrixView<float>(x_[now].data(), rows, Eigen::Index(train_.cols)),
                         ConstMatrixView<float>(y_[now].data(), rows, Eigen::Index(k)), *reducer_);
-  const MinibatchStats stats =
-      reducer_->finish(next_batch.empty() ? Callback() : Callback(prefetch), &times_);
-  if (!next_batch.empty()) {
-    prefetched_ = next_batch;
-    current_ = 1 - now;
-  }
-  const std::uint64_t step = state_.step + 1;
-  if (stats.nonfinite_layer >= 0 || !std::isfinite(stats.loss_sum)) diverged(step, stats);
   optimizer_.set_lr(learning_rate(state_.step));
-  optimizer_.step(params_, reducer_->gradient());
+  const Callback before_wait = next_batch.empty() ? Callback() : Callback(prefetch);
+  const std::uint64_t step = state_.step + 1;
+  const auto check = [&](const MinibatchStats& stats) {
+    if (!next_batch.empty()) {
+      prefetched_ = next_batch;
+      current_ = 1 - now;
+    }
+    if (stats.nonfinite_layer >= 0 || !std::isfinite(stats.loss_sum)) diverged(step, stats);
+  };
+  MinibatchStats stats;
+  if (reducer_->fuses_update()) {
+    // The node's ranks update their shares into the other copy, which becomes the current
+    // one unless the step diverged.
+    const std::size_t n = layout().size();
+    const int next = 1 - copy_;
+    IntoOtherCopy update(optimizer_, params_, shared_params(*reducer_, next, n),
+                         shared_state(*reducer_, next, n));
+    stats = reducer_->finish(before_wait, &times_, &update);
+    check(stats);
+    copy_ = next;
+    params_ = shared_params(*reducer_, next, n);
+    optimizer_.adopt(shared_state(*reducer_, next, n));
+  } else {
+    stats = reducer_->finish(before_wait, &times_);
+    check(stats);
+    optimizer_.step(params_, reducer_->gradient());
+  }
   state_.step = step;
   times_.total += seconds_since(start);
   ++times_.steps;
@@ -241,8 +315,13 @@ void Trainer::restore(const Checkpoint& c) {
   SP_CHECK(c.train_rows == train_.rows && c.train_cols == train_.cols, "the training set has ",
            train_.rows, " samples of ", train_.cols, " features, but the checkpoint was trained "
            "on ", c.train_rows, " of ", c.train_cols, " (the sample order depends on it)");
-  std::copy(c.params.begin(), c.params.end(), params_.begin());
-  optimizer_.restore(c.optimizer_state, c.optimizer_steps);
+  // Each rank writes its share of the current copy (all of it unless the node's ranks share
+  // one).
+  const Range share = reducer_->share();
+  std::copy(c.params.begin() + std::ptrdiff_t(share.begin),
+            c.params.begin() + std::ptrdiff_t(share.end), params_.begin() + std::ptrdiff_t(share.begin));
+  optimizer_.restore(c.optimizer_state, c.optimizer_steps, share.begin, share.end);
+  reducer_->shared_written();
   state_ = c.state;
 }
 

@@ -117,9 +117,9 @@ done
 [ "$status" -ne 0 ] || fail "the job with a stopped rank exited 0"
 [ "$took" -le 15 ] || fail "the job took $took s to end after the stop"
 line=$(grep -m1 '^shardprop: error:' stopped.txt) || fail "no error line: $(cat stopped.txt)"
-# The stop lands wherever it lands (a gradient reduction, a checkpoint's agreement, ...):
-# every collective during training names the step.
-timed_out='\[rank 0\] step [0-9]+: MPI_[A-Za-z_ ]+ did not complete on every rank within 3 s'
+# The stop lands wherever it lands (a gradient reduction through MPI or the node's shared
+# memory, a checkpoint's agreement, ...): every collective during training names the step.
+timed_out="\[rank 0\] step [0-9]+: (MPI_[A-Za-z_ ]+|the [a-z' ]+) did not complete on every rank within 3 s"
 [[ $line =~ $timed_out ]] ||
   fail "unexpected error line: $line"
 no_rank_left stopped

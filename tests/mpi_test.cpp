@@ -57,7 +57,7 @@ void check_reduction(const char* layers, double tolerance) {
     // equal on every rank. On 1 or 2 ranks it has the same bits (a + b = b + a); on more,
     // MPI may add the ranks' parts in another order.
     const testing::Gradient<T> once = testing::reduced_gradient<T>(
-        mlp, *world, std::span<const T>(params), xs, ys, batch, /*overlap=*/false);
+        mlp, *world, std::span<const T>(params), xs, ys, batch, testing::Via::once);
     EXPECT_EQ(once.stats.samples, double(batch));
     EXPECT_NEAR(once.stats.loss_sum, g.stats.loss_sum, tolerance * std::abs(g.stats.loss_sum));
     EXPECT_LT(testing::max_relative_error<T>(layout, std::span<const T>(once.mean),
@@ -68,6 +68,17 @@ void check_reduction(const char* layers, double tolerance) {
     if (world->size() <= 2) {
       EXPECT_TRUE(std::equal(g.mean.begin(), g.mean.end(), once.mean.begin())) << "batch " << batch;
     }
+    // The node reducer: the same mean gradient through memory the ranks share (every rank of
+    // these tests runs on one node).
+    const testing::Gradient<T> node = testing::reduced_gradient<T>(
+        mlp, *world, std::span<const T>(params), xs, ys, batch, testing::Via::node);
+    EXPECT_EQ(node.stats.samples, double(batch));
+    EXPECT_NEAR(node.stats.loss_sum, g.stats.loss_sum, tolerance * std::abs(g.stats.loss_sum));
+    EXPECT_LT(testing::max_relative_error<T>(layout, std::span<const T>(node.mean),
+                                             std::span<const T>(full.mean)),
+              tolerance)
+        << "batch " << batch << " over " << world->size() << " ranks, node reducer";
+    expect_same_on_all_ranks<T>(node.mean);
   }
 }
 

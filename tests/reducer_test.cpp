@@ -1,7 +1,8 @@
 // The reduced gradient equals the full-batch gradient, in one process: a global minibatch is
 // split into P = 1…7 shards (even and uneven, some empty), each shard goes through
-// Mlp::forward_backward and the default reducer over in-process ranks, and every rank's
-// result is compared with the full-batch mean gradient.
+// Mlp::forward_backward and the MPI reducer (per layer, or once) or the node reducer (shared
+// memory) over in-process ranks, and every rank's result is compared with the full-batch
+// mean gradient.
 //
 // Tolerances (largest error relative to the largest entry of each W and b): the shards add
 // the same per-sample terms in another order, so the error is a few units of rounding of the
@@ -51,21 +52,21 @@ TYPED_TEST(ReducerTest, ShardedReductionEqualsFullBatchForOneToSevenRanks) {
   EXPECT_EQ(full.stats.samples, double(batch));
 
   for (int p = 1; p <= 7; ++p) {
-    for (bool overlap : {true, false}) {
+    for (testing::Via via : {testing::Via::overlap, testing::Via::once, testing::Via::node}) {
       std::vector<testing::Gradient<T>> out(static_cast<std::size_t>(p));
       run_ranks(p, [&](Communicator& comm) {
         Mlp<T> mlp(spec);
         const Range shard = shard_range(batch, comm.rank(), p);
         out[std::size_t(comm.rank())] = testing::reduced_gradient<T>(
             mlp, comm, std::span<const T>(params), testing::rows_of(x, shard.begin, shard.end),
-            testing::rows_of(y, shard.begin, shard.end), batch, overlap);
+            testing::rows_of(y, shard.begin, shard.end), batch, via);
       });
       for (int r = 0; r < p; ++r) {
         const testing::Gradient<T>& g = out[std::size_t(r)];
         EXPECT_LT(testing::max_relative_error<T>(layout, std::span<const T>(g.mean),
                                                  std::span<const T>(full.mean)),
                   Tolerance<T>::value)
-            << "P = " << p << ", rank " << r << ", overlap " << overlap;
+            << "P = " << p << ", rank " << r << ", via " << int(via);
         EXPECT_TRUE(std::equal(g.mean.begin(), g.mean.end(), out[0].mean.begin()))
             << "ranks differ, P = " << p;
         EXPECT_EQ(g.stats.samples, double(batch));
@@ -77,7 +78,8 @@ TYPED_TEST(ReducerTest, ShardedReductionEqualsFullBatchForOneToSevenRanks) {
 }
 
 TEST(ReducerTest, ShortFinalBatchWithEmptyShardsStillDividesByGlobalCount) {
-  // 3 samples over 5 ranks: two ranks hold nothing, yet the mean is over exactly 3.
+  // 3 samples over 5 ranks: two ranks hold nothing, yet the mean is over exactly 3, through
+  // either reducer.
   const ModelSpec spec = parse_model("4,3:sigmoid,2:sigmoid", "bce");
   const Layout layout(spec);
   AlignedVector<double> params(layout.size());
@@ -87,18 +89,22 @@ TEST(ReducerTest, ShortFinalBatchWithEmptyShardsStillDividesByGlobalCount) {
   Mlp<double> full_mlp(spec);
   const auto full = testing::full_batch_gradient<double>(full_mlp, params, testing::view(x),
                                                          testing::view(y));
-  std::vector<testing::Gradient<double>> out(5);
-  run_ranks(5, [&](Communicator& comm) {
-    Mlp<double> mlp(spec);
-    const Range shard = shard_range(3, comm.rank(), 5);
-    out[std::size_t(comm.rank())] = testing::reduced_gradient<double>(
-        mlp, comm, std::span<const double>(params), testing::rows_of(x, shard.begin, shard.end),
-        testing::rows_of(y, shard.begin, shard.end), 3);
-  });
-  EXPECT_EQ(out[4].stats.samples, 3.0);
-  EXPECT_LT(testing::max_relative_error<double>(layout, std::span<const double>(out[4].mean),
-                                                std::span<const double>(full.mean)),
-            1e-13);
+  for (testing::Via via : {testing::Via::overlap, testing::Via::node}) {
+    std::vector<testing::Gradient<double>> out(5);
+    run_ranks(5, [&](Communicator& comm) {
+      Mlp<double> mlp(spec);
+      const Range shard = shard_range(3, comm.rank(), 5);
+      out[std::size_t(comm.rank())] = testing::reduced_gradient<double>(
+          mlp, comm, std::span<const double>(params),
+          testing::rows_of(x, shard.begin, shard.end), testing::rows_of(y, shard.begin, shard.end),
+          3, via);
+    });
+    EXPECT_EQ(out[4].stats.samples, 3.0);
+    EXPECT_LT(testing::max_relative_error<double>(layout, std::span<const double>(out[4].mean),
+                                                  std::span<const double>(full.mean)),
+              1e-13)
+        << "via " << int(via);
+  }
 }
 
 // A gradient that overflows while the loss stays finite is reported with its layer: inputs

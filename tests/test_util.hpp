@@ -128,14 +128,25 @@ struct Gradient {
   MinibatchStats stats;
 };
 
+// How reduced_gradient reduces: the MPI reducer per layer (overlap) or once after backward,
+// or the node reducer through shared memory.
+enum class Via { overlap, once, node };
+
 // This rank's rows (x, y) of a global minibatch of `global_rows` rows, through
-// Mlp::forward_backward and the reducer of the model's mode (make_reducer) over `comm`: the
-// mean gradient of the global minibatch.
+// Mlp::forward_backward and the reducer of the model's mode over `comm` (make_reducer, or
+// make_node_reducer for Via::node): the mean gradient of the global minibatch.
 template <class T>
 Gradient<T> reduced_gradient(Mlp<T>& mlp, Communicator& comm, std::span<const T> params,
                              ConstMatrixView<T> x, ConstMatrixView<T> y, std::size_t global_rows,
-                             bool overlap = true) {
-  const auto reducer = make_reducer<T>(mlp.layout(), comm, mlp.chunk(), overlap);
+                             Via via = Via::overlap) {
+  std::unique_ptr<GradReducer<T>> reducer;
+  if (via == Via::node) {
+    std::string why;
+    reducer = make_node_reducer<T>(mlp.layout(), comm, 0, why);
+    SP_CHECK(reducer, "no node reducer: ", why);
+  } else {
+    reducer = make_reducer<T>(mlp.layout(), comm, mlp.chunk(), via == Via::overlap);
+  }
   reducer->begin(std::size_t(x.rows()), global_rows);
   mlp.forward_backward(params, x, y, *reducer);
   Gradient<T> g;

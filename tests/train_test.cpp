@@ -99,10 +99,15 @@ TEST(Trainer, PrefetchingTheNextBatchChangesNothing) {
 }
 
 // A step whose loss or gradient is NaN or Inf stops every rank with one report (rank 0's)
-// that names the step and the layer, and leaves the parameters of the last good step.
-TEST(Trainer, DivergenceStopsEveryRankAndNamesStepAndLayer) {
+// that names the step and the layer, and leaves the parameters of the last good step: with
+// the node reducer's shared parameters as with each rank's own.
+class Divergence : public ::testing::TestWithParam<const char*> {};
+INSTANTIATE_TEST_SUITE_P(Reduction, Divergence, ::testing::Values("node", "mpi"));
+
+TEST_P(Divergence, StopsEveryRankAndNamesStepAndLayer) {
   const Dataset data = testing::noisy_classes(40, 3, 2, 1.0);
   Settings config = settings_for("3,4:relu,2:softmax", 10);
+  config.reduction = GetParam();
   config.lr = 1e30;  // the first step is finite; its update overflows the next one
   std::string reports[2];
   std::uint64_t steps[2] = {0, 0};
@@ -132,6 +137,75 @@ TEST(Trainer, DivergenceStopsEveryRankAndNamesStepAndLayer) {
   EXPECT_NE(reports[0].find("training diverged at step 2: loss is "), std::string::npos)
       << reports[0];
   EXPECT_NE(reports[0].find("non-finite gradient in layer "), std::string::npos) << reports[0];
+}
+
+// The node reducer (one shared copy of the parameters and the optimizer's state, each rank
+// updating its share) trains as the MPI reducer does, and its checkpoints resume on either.
+// Tolerance: the two add the ranks' sums in another grouping (rank order against MPI's), so
+// the parameters differ by float rounding, amplified over 12 Adam steps: 1e-4 relative.
+TEST(Trainer, NodeReductionTrainsAsMpiAndResumesOnEither) {
+  const Dataset data = testing::noisy_classes(60, 5, 3, 1.0);  // batches of 16: 3 full, 1 short
+  Settings config = settings_for("5,33:relu,3:softmax", 16);
+  config.optimizer = "adam";
+  config.lr = 0.01;
+  config.epochs = 3;
+  std::vector<Checkpoint> final_state(2);
+  for (const char* reduction : {"node", "mpi"}) {
+    config.reduction = reduction;
+    testing::run_ranks(3, [&](Communicator& comm) {
+      Trainer trainer(config, comm, data);
+      TrainObserver quiet;
+      trainer.run(nullptr, quiet);
+      if (comm.rank() == 0) final_state[config.reduction == "node" ? 0 : 1] = trainer.checkpoint();
+    });
+  }
+  const Checkpoint& node = final_state[0];
+  const Checkpoint& mpi = final_state[1];
+  ASSERT_EQ(node.state.step, 12u);
+  const Layout layout(node.spec);
+  EXPECT_LT(testing::max_relative_error<float>(layout, node.params, mpi.params), 1e-4);
+  ASSERT_EQ(node.optimizer_state.size(), 2 * layout.size());
+  for (std::size_t v = 0; v < 2; ++v) {
+    const auto part = [&](const Checkpoint& c) {
+      return std::span<const float>(c.optimizer_state).subspan(v * layout.size(), layout.size());
+    };
+    EXPECT_LT(testing::max_relative_error<float>(layout, part(node), part(mpi)), 1e-4) << v;
+  }
+
+  // Stopped at step 5 under one reducer and resumed on another rank count under the other:
+  // the same as running through under the second (the resume restores every value of every
+  // share).
+  config.epochs = 2;
+  for (const auto& [first, second] : {std::pair("node", "mpi"), std::pair("mpi", "node")}) {
+    Checkpoint half;
+    config.reduction = first;
+    config.max_steps = 5;
+    testing::run_ranks(3, [&](Communicator& comm) {
+      Trainer trainer(config, comm, data);
+      TrainObserver quiet;
+      trainer.run(nullptr, quiet);
+      if (comm.rank() == 0) half = trainer.checkpoint();
+    });
+    config.reduction = second;
+    config.max_steps = -1;
+    std::vector<float> resumed, through;
+    testing::run_ranks(2, [&](Communicator& comm) {
+      Trainer trainer(config, comm, data);
+      trainer.restore(half);
+      TrainObserver quiet;
+      trainer.run(nullptr, quiet);
+      EXPECT_EQ(trainer.state().step, 8u);
+      if (comm.rank() == 0) resumed.assign(trainer.params().begin(), trainer.params().end());
+    });
+    testing::run_ranks(3, [&](Communicator& comm) {
+      Trainer trainer(config, comm, data);
+      TrainObserver quiet;
+      trainer.run(nullptr, quiet);
+      if (comm.rank() == 0) through.assign(trainer.params().begin(), trainer.params().end());
+    });
+    EXPECT_LT(testing::max_relative_error<float>(layout, resumed, through), 1e-4)
+        << first << " then " << second;
+  }
 }
 
 }  // namespace

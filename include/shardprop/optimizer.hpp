@@ -26,25 +26,47 @@ struct OptimizerConfig {
 OptimizerConfig optimizer_config(const Settings& settings);
 
 // SGD with momentum (v ← μv + g; w ← w − lr·v) or Adam (bias-corrected moments).
-// Its state (velocity, or first and second moments) is one flat buffer plus a step count.
+// Its state (velocity, or first and second moments) is one flat buffer plus a step count:
+// its own, or `storage` given by the caller (memory the ranks of a node share).
 class Optimizer {
  public:
-  Optimizer(const OptimizerConfig& config, std::size_t size);
+  // The values of state an optimizer of `kind` keeps for `size` parameters.
+  static std::size_t state_size(OptimizerKind kind, std::size_t size);
+
+  Optimizer(const OptimizerConfig& config, std::size_t size, std::span<float> storage = {});
+  Optimizer(const Optimizer&) = delete;
+  Optimizer& operator=(const Optimizer&) = delete;
 
   // Applies one update with the mean gradient `grad` (same layout as params).
   void step(std::span<float> params, std::span<const float> grad);
+
+  // The node reducer's update of the parameters [begin, end), one rank's share, fused with
+  // the mean gradient's computation: element i's gradient is (sums[0][i] + sums[1][i] + …)
+  // · scale, added in the sums' order. Reads `params` and this optimizer's state and writes
+  // the next step's values into `params_out` and `state_out` (the other copy of each, the
+  // same layout), so a step that turns out to diverge leaves the current ones untouched.
+  // Returns false if a gradient value was NaN or Inf. Counts no step: adopt() does.
+  bool update_share(std::span<const float* const> sums, float scale,
+                    std::span<const float> params, std::span<float> params_out,
+                    std::span<float> state_out, std::size_t begin, std::size_t end) const;
+  // Takes `state`, written by update_share on every share, as the state after one more step.
+  void adopt(std::span<float> state);
 
   const OptimizerConfig& config() const { return config_; }
   void set_lr(double lr) { config_.lr = lr; }
   std::span<const float> state() const { return state_; }
   std::uint64_t steps() const { return steps_; }
-  // Takes a saved state (same size) and step count.
+  // Takes a saved state (same size) and step count; with [begin, end), only that share of
+  // each state vector is written.
   void restore(std::span<const float> state, std::uint64_t steps);
+  void restore(std::span<const float> state, std::uint64_t steps, std::size_t begin,
+               std::size_t end);
 
  private:
   OptimizerConfig config_;
   std::size_t size_;
-  AlignedVector<float> state_;
+  AlignedVector<float> own_;  // the state, unless storage was given
+  std::span<float> state_;
   std::uint64_t steps_ = 0;
 };
 

@@ -1,9 +1,13 @@
 // How a gradient is reduced across the ranks. Backward hands each layer's input and δ to a
 // GradReducer as soon as they are final, from the last layer down; the reducer computes the
 // layer's gradient sums over this rank's rows and starts their reduction while the layers
-// below still compute, as PyTorch DDP's reducer sits behind backward. Two reducers exist:
-//   - the default one sums in float and reduces each layer with MPI_Iallreduce (or, without
+// below still compute, as PyTorch DDP's reducer sits behind backward. Three reducers exist:
+//   - the MPI one sums in float and reduces each layer with MPI_Iallreduce (or, without
 //     overlap, the whole gradient at once after backward);
+//   - the node one, for ranks that all run on one node: each rank writes its sums into
+//     memory the ranks share, and after backward each rank averages its share of the
+//     elements and updates its share of one shared copy of the parameters and optimizer
+//     state (nothing is copied through MPI, and each rank updates 1/P of the parameters);
 //   - the fixed-point one (--deterministic) sums each chunk's gradient as integers at a
 //     fixed point every rank agrees on, so the result is the same bits for any number of
 //     ranks and threads (docs/reproducibility.md).
@@ -13,8 +17,10 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 
 #include "shardprop/comm.hpp"
+#include "shardprop/data.hpp"
 #include "shardprop/function_ref.hpp"
 #include "shardprop/loss.hpp"
 #include "shardprop/params.hpp"
@@ -50,6 +56,18 @@ struct Bf16Operands {
   const std::uint16_t* delta = nullptr;
 };
 
+// The optimizer's update of part of the parameters, which the node reducer runs inside
+// finish() in place of writing the mean gradient: element i's gradient is
+// (sums[0][i] + sums[1][i] + …)·scale. Returns false if one was NaN or Inf.
+template <class T>
+class ShareUpdate {
+ public:
+  virtual bool operator()(std::span<const T* const> sums, T scale, Range part) = 0;
+
+ protected:
+  ~ShareUpdate() = default;
+};
+
 template <class T>
 class GradReducer {
  public:
@@ -70,10 +88,28 @@ class GradReducer {
   // Starts the statistics' reduction, runs before_wait() (work that overlaps the wait),
   // waits, and divides by the global sample count. gradient() then holds the mean gradient
   // of the global minibatch, the same on every rank; a NaN or Inf in it or in the loss is
-  // reported in the returned stats. Adds its times to `times` if given.
-  virtual MinibatchStats finish(Callback before_wait = {}, StepTimes* times = nullptr) = 0;
-  // The mean gradient after finish(), in the parameters' layout (padding zero).
+  // reported in the returned stats. Adds its times to `times` if given. A reducer that
+  // fuses the update (fuses_update()) runs `update` on this rank's share instead of
+  // writing the mean gradient; the others ignore it.
+  virtual MinibatchStats finish(Callback before_wait = {}, StepTimes* times = nullptr,
+                                ShareUpdate<T>* update = nullptr) = 0;
+  // The mean gradient after finish() without an update, in the parameters' layout (padding
+  // zero).
   virtual std::span<const T> gradient() const = 0;
+  // Whether finish() runs the optimizer's update (the node reducer).
+  virtual bool fuses_update() const { return false; }
+  std::size_t gradient_size() const { return gradient().size(); }
+
+  // Memory for the parameters and the optimizer's state that the ranks of a node share (the
+  // node reducer's two copies, 0 and 1, sized by make_node_reducer: a step reads one and
+  // writes the other), or empty: each rank keeps its own.
+  virtual std::span<T> shared_storage(int /*copy*/) { return {}; }
+  // The part of the parameters (and of each optimizer state vector) this rank writes: all of
+  // it, or with shared storage this rank's share, the other ranks writing the rest.
+  virtual Range share() const { return {0, gradient_size()}; }
+  // After every rank has written its share of the shared storage outside a step (the first
+  // parameters, a restore): waits until all have, so that every rank reads the whole copy.
+  virtual void shared_written() {}
 
   // Evaluation: the sums over all ranks of per-chunk loss sums `parts` covering this rank's
   // `rows` rows, of `terms` chunks in all; summed as training sums them.
@@ -82,9 +118,15 @@ class GradReducer {
 };
 
 // The reducer of a training mode: with chunk > 0 the fixed-point one (float only), else the
-// default one, reducing per layer while backward goes on (overlap) or once after it.
+// MPI one, reducing per layer while backward goes on (overlap) or once after it.
 template <class T>
 std::unique_ptr<GradReducer<T>> make_reducer(const Layout& layout, Communicator& comm,
                                              std::size_t chunk, bool overlap = true);
+
+// The node reducer, with two copies of `storage` values of shared storage. Collective: null with `why` set
+// on every rank when the ranks do not all run on one node or cannot share the memory.
+template <class T>
+std::unique_ptr<GradReducer<T>> make_node_reducer(const Layout& layout, Communicator& comm,
+                                                  std::size_t storage, std::string& why);
 
 }  // namespace shardprop

@@ -115,7 +115,9 @@ class Trainer {
   const Dataset& train_;
   Mlp<float> mlp_;
   std::unique_ptr<GradReducer<float>> reducer_;
-  AlignedVector<float> params_;
+  AlignedVector<float> own_params_;  // unless the reducer's shared storage holds them
+  std::span<float> params_;
+  int copy_ = 0;  // the shared storage's current copy
   AlignedVector<float> x_[2], y_[2];  // this step's rows and the next one's
   int current_ = 0;
   std::span<const std::uint32_t> prefetched_;  // the batch gathered into x_[current_]
