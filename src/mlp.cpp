@@ -24,7 +24,8 @@ Precision parse_precision(std::string_view text, std::string_view what) {
 
 template <class T>
 struct Mlp<T>::Workspace {
-  std::size_t capacity = 0;              // rows the buffers hold
+  std::size_t capacity = 0;              // rows the forward buffers hold
+  std::size_t backward_capacity = 0;     // rows the δ buffers hold
   std::vector<AlignedVector<T>> acts;    // per layer: (rows, out) activations
   AlignedVector<T> delta[2];             // ping-pong δ buffers: (rows, widest layer)
   std::vector<LossSums> chunk_sums;
@@ -65,22 +66,28 @@ template <class T>
 Mlp<T>& Mlp<T>::operator=(Mlp&&) noexcept = default;
 
 template <class T>
-void Mlp<T>::reserve(std::size_t rows) {
-  if (rows <= ws_->capacity) return;
+void Mlp<T>::reserve(std::size_t rows, bool backward) {
   std::size_t widest = spec_.input_width(), weights = 0;
-  for (std::size_t l = 0; l < spec_.layers.size(); ++l) {
-    const LayerSpec& layer = spec_.layers[l];
-    ws_->acts[l].resize(rows * layer.out);
+  for (const LayerSpec& layer : spec_.layers) {
     widest = std::max(widest, layer.out);
     weights = std::max(weights, layer.in * layer.out);
   }
-  for (auto& d : ws_->delta) d.resize(rows * widest);
+  if (backward && rows > ws_->backward_capacity) {
+    for (auto& d : ws_->delta) d.resize(rows * widest);
+    if (precision_ == Precision::bf16) {
+      for (auto& d : ws_->delta16) d.resize(rows * widest);
+    }
+    ws_->backward_capacity = rows;
+  }
+  if (rows <= ws_->capacity) return;
+  for (std::size_t l = 0; l < spec_.layers.size(); ++l) {
+    ws_->acts[l].resize(rows * spec_.layers[l].out);
+  }
   if (precision_ == Precision::bf16) {
     ws_->x16.resize(rows * spec_.input_width());
     for (std::size_t l = 0; l + 1 < spec_.layers.size(); ++l) {
       ws_->acts16[l].resize(rows * spec_.layers[l].out);
     }
-    for (auto& d : ws_->delta16) d.resize(rows * widest);
   }
   ws_->chunk_sums.resize(chunk_count(rows, chunk_));
   ws_->scratch.reserve(rows, chunk_, weights, widest);
@@ -112,7 +119,7 @@ void Mlp<T>::forward(std::span<const T> params, ConstMatrixView<T> x) {
   SP_CHECK(std::size_t(x.cols()) == spec_.input_width(), "input has ", x.cols(),
            " features, the model expects ", spec_.input_width());
   const auto rows = static_cast<std::size_t>(x.rows());
-  reserve(rows);
+  reserve(rows, false);
   if constexpr (std::is_same_v<T, float>) {
     if (precision_ == Precision::bf16) {
       round_bf16(x, ws_->x16.data());
@@ -166,6 +173,7 @@ void Mlp<T>::forward_backward(std::span<const T> params, ConstMatrixView<T> x,
            ") is not the model's (", chunk_, ")");
   SP_CHECK(y.rows() == x.rows() && std::size_t(y.cols()) == spec_.output_width(), "targets are ",
            y.rows(), "x", y.cols(), ", expected ", x.rows(), "x", spec_.output_width());
+  reserve(std::size_t(x.rows()), true);
   forward(params, x);
   const auto rows = static_cast<std::size_t>(x.rows());
   const std::size_t last = spec_.layers.size() - 1;

@@ -128,7 +128,8 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
     x_[b].resize(shard_rows * train_.cols);
     y_[b].resize(shard_rows * spec().output_width());
   }
-  mlp_.reserve(std::max(shard_rows, pass_rows(settings_.eval_batch, train_.rows, mlp_.chunk())));
+  // The training step's buffers; an evaluation sizes its forward buffers when it first runs.
+  mlp_.reserve(shard_rows);
   if (comm_.rank() == 0) init_params<float>(spec(), layout(), settings_.seed, params_);
   if (own_params_.size() > 0) {
     comm_.broadcast(params_, 0);

@@ -44,9 +44,10 @@ class Mlp {
   std::size_t chunk() const { return chunk_; }
   Precision precision() const { return precision_; }
 
-  // Sizes the workspace for batches of up to `rows` samples; later calls with at most that
-  // many rows allocate nothing.
-  void reserve(std::size_t rows);
+  // Sizes the workspace for batches of up to `rows` samples, for forward passes and, with
+  // `backward`, for forward_backward (the δ buffers); later calls with at most that many rows
+  // allocate nothing. Evaluation and prediction need no δ buffers.
+  void reserve(std::size_t rows, bool backward = true);
 
   // Forward pass. x (rows, in). Returns the predictions ŷ (rows, out), valid until the next
   // call.
