@@ -67,8 +67,14 @@ void Optimizer::restore(std::span<const float> state, std::uint64_t steps, std::
 }
 
 void Optimizer::step(std::span<float> params, std::span<const float> grad) {
+  step(params, grad, 0, size_);
+}
+
+void Optimizer::step(std::span<float> params, std::span<const float> grad, std::size_t begin,
+                     std::size_t end) {
   SP_CHECK(params.size() == size_ && grad.size() >= size_, "optimizer sized for ", size_,
            " parameters got ", params.size());
+  SP_CHECK(begin <= end && end <= size_, "optimizer share out of range");
   ++steps_;
   const auto lr = float(config_.lr), wd = float(config_.weight_decay);
   float* w = params.data();
@@ -79,7 +85,7 @@ void Optimizer::step(std::span<float> params, std::span<const float> grad) {
   if (config_.kind == OptimizerKind::sgd) {
     const auto mu = float(config_.momentum);
     oneapi::tbb::parallel_for(
-        oneapi::tbb::blocked_range<std::size_t>(0, size_, kBlock), [&](const auto& r) {
+        oneapi::tbb::blocked_range<std::size_t>(begin, end, kBlock), [&](const auto& r) {
           for (std::size_t i = r.begin(); i != r.end(); ++i) {
             m[i] = mu * m[i] + (g[i] + wd * w[i]);
             w[i] -= lr * m[i];
@@ -92,7 +98,7 @@ void Optimizer::step(std::span<float> params, std::span<const float> grad) {
     const auto c1 = float(1.0 / (1.0 - std::pow(config_.beta1, t)));
     const auto c2 = float(1.0 / (1.0 - std::pow(config_.beta2, t)));
     oneapi::tbb::parallel_for(
-        oneapi::tbb::blocked_range<std::size_t>(0, size_, kBlock), [&](const auto& r) {
+        oneapi::tbb::blocked_range<std::size_t>(begin, end, kBlock), [&](const auto& r) {
           for (std::size_t i = r.begin(); i != r.end(); ++i) {
             const float gi = g[i] + wd * w[i];
             m[i] = b1 * m[i] + (1 - b1) * gi;

@@ -316,21 +316,64 @@ double from_fixed(std::int64_t q, int exp) { return std::ldexp(double(q), -exp);
 double max_safe(double v) { return std::isnan(v) ? std::numeric_limits<double>::infinity() : v; }
 
 // The deterministic mode's reducer: each chunk's gradient sums are rounded to multiples of
-// 2^−s, with s per tensor from the largest bound over all chunks (one small MPI_MAX per
-// layer), and added as int64, on the rank and in the allreduce. The mean gradient and the
-// statistics are then the same bits for any number of ranks and threads.
+// 2^−s, with s per tensor from the largest bound over all chunks (one small maximum over the
+// ranks per layer), and added as int64, on the rank and across the ranks. The mean gradient
+// and the statistics are then the same bits for any number of ranks and threads. The ranks
+// combine through MPI (MPI_MAX, MPI_Iallreduce of int64), or, given node memory, through
+// memory the ranks of one node share: each rank writes its bounds and sums there, and after
+// backward turns its share of the summed integers into the mean, which the trainer applies
+// to its share of one shared copy of the parameters and optimizer state. Integer sums are
+// exact in any order, so both give the same bits.
 class FixedPointReducer final : public GradReducer<float> {
  public:
-  FixedPointReducer(const Layout& layout, Communicator& comm, std::size_t chunk)
+  // The node memory's parts: the barrier, each rank's bounds (3 per layer), each rank's
+  // sums and statistics, the mean gradient, then `storage` floats for the trainer.
+  struct Parts {
+    std::size_t bounds, segments, mean, storage, bytes;
+    Parts(std::size_t n, std::size_t layers, int ranks, std::size_t storage_values) {
+      const auto up = [](std::size_t b) { return (b + 63) / 64 * 64; };
+      bounds = up(sizeof(NodeBarrier));
+      segments = up(bounds + std::size_t(ranks) * layers * 3 * sizeof(double));
+      mean = up(segments + std::size_t(ranks) * (n + kStats) * sizeof(std::int64_t));
+      storage = up(mean + n * sizeof(float));
+      bytes = storage + storage_values * sizeof(float);
+    }
+  };
+
+  FixedPointReducer(const Layout& layout, Communicator& comm, std::size_t chunk,
+                    std::unique_ptr<NodeMemory> memory = nullptr, std::size_t storage = 0)
       : layout_(layout),
         comm_(comm),
         chunk_(chunk),
-        // The kernel sets each entry from the rank's first chunk, so the sums need no
-        // clearing; the padding between tensors is zeroed once and never written.
-        sums_(layout.size() + kStats, 0),
+        memory_(std::move(memory)),
+        storage_size_(storage),
         exponents_(2 * layout.layer_count(), 0),
-        grad_(layout.size() + kStats, 0.0f) {
+        share_{0, layout.size()} {
     SP_CHECK(chunk > 0, "the fixed-point reducer needs a chunk size");
+    const std::size_t n = layout.size();
+    if (!memory_) {
+      // The kernel sets each entry from the rank's first chunk, so the sums need no
+      // clearing; the padding between tensors is zeroed once and never written.
+      own_sums_.assign(n + kStats, 0);
+      own_grad_.assign(n + kStats, 0.0f);
+      sums_ = own_sums_.data();
+      grad_ = own_grad_.data();
+      return;
+    }
+    const Parts parts(n, layout.layer_count(), comm.size(), storage);
+    SP_CHECK(memory_->size() >= parts.bytes, "node memory too small");
+    std::byte* base = memory_->data();
+    barrier_ = std::launder(reinterpret_cast<NodeBarrier*>(base));  // zeroed: initial state
+    bounds_ = reinterpret_cast<double*>(base + parts.bounds);
+    auto* segments = reinterpret_cast<std::int64_t*>(base + parts.segments);
+    for (int r = 0; r < comm.size(); ++r) segments_.push_back(segments + std::size_t(r) * (n + kStats));
+    sums_ = segments + std::size_t(comm.rank()) * (n + kStats);
+    grad_ = reinterpret_cast<float*>(base + parts.mean);
+    storage_ = reinterpret_cast<float*>(base + parts.storage);
+    const std::size_t units = n / Layout::kAlign, r = std::size_t(comm.rank());
+    const auto p = std::size_t(comm.size());
+    share_ = {units * r / p * Layout::kAlign, units * (r + 1) / p * Layout::kAlign};
+    meet("the node reducer's start");
   }
 
   std::size_t chunk() const override { return chunk_; }
@@ -340,7 +383,7 @@ class FixedPointReducer final : public GradReducer<float> {
     start_ = Clock::now();
     rows_ = rows;
     terms_ = (global_rows + chunk_ - 1) / chunk_;
-    std::fill(sums_.begin() + std::ptrdiff_t(layout_.size()), sums_.end(), 0);
+    std::fill(sums_ + layout_.size(), sums_ + layout_.size() + kStats, 0);
     nonfinite_layer_ = -1;
     loss_bound_ = 0;
   }
@@ -365,7 +408,7 @@ class FixedPointReducer final : public GradReducer<float> {
     GradientBound bound;
     if (rows_ > 0) bound = chunk_gradient_bound<float>(input, delta, chunk_);
     double agreed[3] = {max_safe(bound.w), max_safe(bound.b), loss_bound_};
-    comm_.allreduce_max(std::span<double>(agreed, last ? 3 : 2));
+    agree_max(l, std::span<double>(agreed, last ? 3 : 2));
     if (last) {
       loss_finite_ = std::isfinite(agreed[2]);
       loss_exp_ = fixed_point_exponent(agreed[2], terms_);
@@ -380,42 +423,49 @@ class FixedPointReducer final : public GradReducer<float> {
     const auto [begin, end] = layout_.layer_range(l);
     if (rows_ > 0) {
       const auto advance = [this] { comm_.progress(); };
-      dense_backward_params_fixed<float>(input, delta, chunk_, w_exp, b_exp,
-                                         sums_.data() + block.w_offset,
-                                         sums_.data() + block.b_offset, scratch_,
-                                         comm_.size() > 1 ? Callback(advance) : Callback());
+      dense_backward_params_fixed<float>(
+          input, delta, chunk_, w_exp, b_exp, sums_ + block.w_offset, sums_ + block.b_offset,
+          scratch_, comm_.size() > 1 && !memory_ ? Callback(advance) : Callback());
     } else {
-      std::fill(sums_.begin() + std::ptrdiff_t(begin), sums_.begin() + std::ptrdiff_t(end), 0);
+      std::fill(sums_ + begin, sums_ + end, 0);
     }
-    comm_.start_allreduce_sum(std::span<std::int64_t>(sums_).subspan(begin, end - begin));
-    comm_.progress();
+    if (!memory_) {
+      comm_.start_allreduce_sum(std::span<std::int64_t>(sums_ + begin, end - begin));
+      comm_.progress();
+    }
   }
 
   void progress() override { comm_.progress(); }
 
   MinibatchStats finish(Callback before_wait, StepTimes* times, ShareUpdate<float>*) override {
-    const std::size_t n = layout_.size(), layers = layout_.layer_count();
+    const std::size_t n = layout_.size();
     if (rows_ > 0 && loss_finite_) {
       for (const LossSums& s : chunk_sums_) sums_[n + kLossSum] += to_fixed(s.loss, loss_exp_);
     }
-    comm_.start_allreduce_sum(std::span<std::int64_t>(sums_).subspan(n, kStats));
+    if (!memory_) comm_.start_allreduce_sum(std::span<std::int64_t>(sums_ + n, kStats));
     const auto computed = Clock::now();
     before_wait();
     const auto waiting = Clock::now();
-    comm_.wait_all();
+    if (memory_) {
+      meet("the gradient's reduction");
+    } else {
+      comm_.wait_all();
+    }
     if (times) {
       times->compute += seconds(start_, computed);
       times->allreduce += seconds(waiting, Clock::now());
     }
     MinibatchStats stats;
     stats.nonfinite_layer = nonfinite_layer_;
-    stats.loss_sum = loss_finite_ ? from_fixed(sums_[n + kLossSum], loss_exp_)
+    stats.loss_sum = loss_finite_ ? from_fixed(total(n + kLossSum), loss_exp_)
                                   : std::numeric_limits<double>::infinity();
-    stats.correct = double(sums_[n + kCorrect]);
-    stats.samples = double(sums_[n + kSamples]);
+    stats.correct = double(total(n + kCorrect));
+    stats.samples = double(total(n + kSamples));
     SP_CHECK(stats.samples > 0, "global minibatch is empty");
     if (stats.nonfinite_layer >= 0) return stats;
-    // The mean: the exact sum times 2^−s/N in double, rounded once to float; zero padding.
+    // The mean of this rank's share (all of it through MPI): the exact sum times 2^−s/N in
+    // double, rounded once to float; zero padding.
+    const std::size_t layers = layout_.layer_count();
     for (std::size_t l = 0; l < layers; ++l) {
       const Layout::Block& block = layout_.block(l);
       const double w_unit = std::ldexp(1.0, -exponents_[l]) / stats.samples;
@@ -423,16 +473,24 @@ class FixedPointReducer final : public GradReducer<float> {
       const std::size_t w_end = block.w_offset + block.in * block.out;
       const std::size_t b_end = block.b_offset + block.out;
       const std::size_t next = l + 1 < layers ? layout_.block(l + 1).w_offset : n;
-      for (std::size_t i = block.w_offset; i < w_end; ++i) grad_[i] = float(double(sums_[i]) * w_unit);
-      std::fill(grad_.begin() + std::ptrdiff_t(w_end), grad_.begin() + std::ptrdiff_t(block.b_offset), 0.0f);
-      for (std::size_t i = block.b_offset; i < b_end; ++i) grad_[i] = float(double(sums_[i]) * b_unit);
-      std::fill(grad_.begin() + std::ptrdiff_t(b_end), grad_.begin() + std::ptrdiff_t(next), 0.0f);
+      set_mean(block.w_offset, w_end, w_unit);
+      set_mean(w_end, block.b_offset, 0.0);
+      set_mean(block.b_offset, b_end, b_unit);
+      set_mean(b_end, next, 0.0);
     }
     return stats;
   }
 
   std::span<const float> gradient() const override {
-    return std::span<const float>(grad_).first(layout_.size());
+    return std::span<const float>(grad_, layout_.size());
+  }
+
+  std::span<float> shared_storage(int) override {
+    return memory_ ? std::span<float>(storage_, storage_size_) : std::span<float>();
+  }
+  Range share() const override { return share_; }
+  void shared_written() override {
+    if (memory_) meet("the parameters' update");
   }
 
   // The chunks' losses added in fixed point and the counts as integers: the same bits for
@@ -458,13 +516,58 @@ class FixedPointReducer final : public GradReducer<float> {
   }
 
  private:
+  void meet(const char* what) { barrier_->arrive_and_wait(comm_.size(), comm_, what); }
+
+  // The largest of every rank's `values` for layer l, in place.
+  void agree_max(std::size_t l, std::span<double> values) {
+    if (!memory_) {
+      comm_.allreduce_max(values);
+      return;
+    }
+    const std::size_t layers = layout_.layer_count();
+    const auto slot = [&](int r) { return bounds_ + (std::size_t(r) * layers + l) * 3; };
+    std::copy(values.begin(), values.end(), slot(comm_.rank()));
+    meet("the fixed point's agreement");
+    for (int r = 0; r < comm_.size(); ++r) {
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] = std::max(values[i], slot(r)[i]);
+    }
+  }
+
+  // Element i's sum over all ranks (after finish's wait).
+  std::int64_t total(std::size_t i) const {
+    if (!memory_) return sums_[i];
+    std::int64_t sum = 0;
+    for (const std::int64_t* segment : segments_) sum += segment[i];
+    return sum;
+  }
+
+  // grad_[i] = total(i)·unit for i in [begin, end) ∩ this rank's share.
+  void set_mean(std::size_t begin, std::size_t end, double unit) {
+    begin = std::max(begin, share_.begin);
+    end = std::min(end, share_.end);
+    if (!memory_) {
+      for (std::size_t i = begin; i < end; ++i) grad_[i] = float(double(sums_[i]) * unit);
+      return;
+    }
+    for (std::size_t i = begin; i < end; ++i) grad_[i] = float(double(total(i)) * unit);
+  }
+
   Layout layout_;
   Communicator& comm_;
   std::size_t chunk_;
-  std::vector<std::int64_t> sums_;  // fixed-point gradient and statistics
+  std::unique_ptr<NodeMemory> memory_;  // null: through MPI
+  std::size_t storage_size_;
+  std::vector<std::int64_t> own_sums_;  // fixed-point gradient and statistics (MPI)
+  AlignedVector<float> own_grad_;
+  std::int64_t* sums_ = nullptr;        // this rank's sums: own_sums_ or its segment
+  float* grad_ = nullptr;               // the mean: own_grad_ or the shared one
+  NodeBarrier* barrier_ = nullptr;
+  double* bounds_ = nullptr;
+  std::vector<const std::int64_t*> segments_;
+  float* storage_ = nullptr;
   FixedScratch scratch_;            // each thread's chunk products
   std::vector<int> exponents_;      // each layer's W exponent, then each layer's b exponent
-  AlignedVector<float> grad_;
+  Range share_;
   std::span<const LossSums> chunk_sums_;
   std::size_t rows_ = 0, terms_ = 0;
   double loss_bound_ = 0;
@@ -489,7 +592,20 @@ std::unique_ptr<GradReducer<T>> make_reducer(const Layout& layout, Communicator&
 
 template <class T>
 std::unique_ptr<GradReducer<T>> make_node_reducer(const Layout& layout, Communicator& comm,
-                                                  std::size_t storage, std::string& why) {
+                                                  std::size_t storage, std::string& why,
+                                                  std::size_t chunk) {
+  if (chunk > 0) {
+    if constexpr (std::is_same_v<T, float>) {
+      const FixedPointReducer::Parts parts(layout.size(), layout.layer_count(), comm.size(),
+                                           storage);
+      auto memory = NodeMemory::create(comm, parts.bytes, why);
+      if (!memory) return nullptr;
+      return std::make_unique<FixedPointReducer>(layout, comm, chunk, std::move(memory),
+                                                 storage);
+    } else {
+      SP_THROW("the deterministic mode trains in float only");
+    }
+  }
   const typename NodeReducer<T>::Parts parts(layout.size(), comm.size(), storage);
   auto memory = NodeMemory::create(comm, parts.bytes, why);
   if (!memory) return nullptr;
@@ -498,10 +614,11 @@ std::unique_ptr<GradReducer<T>> make_node_reducer(const Layout& layout, Communic
 
 template std::unique_ptr<GradReducer<float>> make_node_reducer<float>(const Layout&,
                                                                       Communicator&, std::size_t,
-                                                                      std::string&);
+                                                                      std::string&, std::size_t);
 template std::unique_ptr<GradReducer<double>> make_node_reducer<double>(const Layout&,
                                                                         Communicator&,
-                                                                        std::size_t, std::string&);
+                                                                        std::size_t, std::string&,
+                                                                        std::size_t);
 template std::unique_ptr<GradReducer<float>> make_reducer<float>(const Layout&, Communicator&,
                                                                  std::size_t, bool);
 template std::unique_ptr<GradReducer<double>> make_reducer<double>(const Layout&, Communicator&,

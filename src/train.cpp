@@ -56,18 +56,16 @@ Mlp<float> training_model(const Settings& s) {
 std::unique_ptr<GradReducer<float>> training_reducer(const Settings& s, const Layout& layout,
                                                      Communicator& comm) {
   const bool node = s.reduction == "node" || (s.reduction == "auto" && comm.size() > 1);
-  if (s.deterministic || !node) {
-    SP_CHECK_USAGE(!s.deterministic || s.reduction != "node", "--reduction node: the "
-                   "--deterministic mode reduces in fixed point through MPI");
-    return make_reducer<float>(layout, comm, s.deterministic_chunk(), s.overlap != "off");
+  const std::size_t chunk = s.deterministic_chunk();
+  if (node) {
+    const std::size_t n = layout.size();
+    std::string why;
+    auto reducer = make_node_reducer<float>(
+        layout, comm, n + Optimizer::state_size(parse_optimizer(s.optimizer), n), why, chunk);
+    if (reducer) return reducer;
+    SP_CHECK_USAGE(s.reduction != "node", "--reduction node: ", why);
   }
-  const std::size_t n = layout.size();
-  std::string why;
-  auto reducer = make_node_reducer<float>(
-      layout, comm, n + Optimizer::state_size(parse_optimizer(s.optimizer), n), why);
-  if (reducer) return reducer;
-  SP_CHECK_USAGE(s.reduction != "node", "--reduction node: ", why);
-  return make_reducer<float>(layout, comm, 0, s.overlap != "off");
+  return make_reducer<float>(layout, comm, chunk, s.overlap != "off");
 }
 
 // The parts of a copy of the node reducer's shared storage: the parameters (the first
@@ -242,9 +240,12 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
     params_ = shared_params(*reducer_, next, n);
     optimizer_.adopt(shared_state(*reducer_, next, n));
   } else {
+    // Every parameter, or this rank's share of the node's one copy.
     stats = reducer_->finish(before_wait, &times_);
     check(stats);
-    optimizer_.step(params_, reducer_->gradient());
+    const Range share = reducer_->share();
+    optimizer_.step(params_, reducer_->gradient(), share.begin, share.end);
+    reducer_->shared_written();
   }
   state_.step = step;
   times_.total += seconds_since(start);

@@ -81,8 +81,10 @@ Problem make_problem(const std::string& layers, const std::string& loss, std::si
 using Outcome = testing::Gradient<float>;
 
 // The problem's batch reduced over p in-process ranks with `threads` oneTBB threads: in the
-// deterministic mode with chunks of `chunk` rows, or with chunk 0 in the default mode.
-std::vector<Outcome> reduce(const Problem& problem, std::size_t chunk, int p, int threads) {
+// deterministic mode with chunks of `chunk` rows, or with chunk 0 in the default mode;
+// through MPI or through node memory.
+std::vector<Outcome> reduce(const Problem& problem, std::size_t chunk, int p, int threads,
+                            testing::Via via = testing::Via::overlap) {
   const oneapi::tbb::global_control limit(oneapi::tbb::global_control::max_allowed_parallelism,
                                           std::size_t(threads));
   const std::size_t batch = std::size_t(problem.x.rows());
@@ -93,7 +95,7 @@ std::vector<Outcome> reduce(const Problem& problem, std::size_t chunk, int p, in
     out[std::size_t(comm.rank())] = testing::reduced_gradient<float>(
         mlp, comm, std::span<const float>(problem.params),
         testing::rows_of(problem.x, shard.begin, shard.end),
-        testing::rows_of(problem.y, shard.begin, shard.end), batch);
+        testing::rows_of(problem.y, shard.begin, shard.end), batch, via);
   });
   return out;
 }
@@ -118,15 +120,17 @@ TEST_P(DeterministicReduce, SameBitsForAnyRanksAndThreadsAndEqualToFullBatch) {
   const auto g = std::span<const float>(reference[0].mean);
   for (int threads : {1, 2}) {
     for (int p : {1, 2, 3, 4, 5, 16}) {  // 16 ranks: three of them hold no chunk
-      const std::vector<Outcome> run = reduce(problem, chunk, p, threads);
-      for (int r = 0; r < p; ++r) {
-        const Outcome& o = run[std::size_t(r)];
-        EXPECT_TRUE(same_bits(std::span<const float>(o.mean), g))
-            << p << " ranks x " << threads << " threads, rank " << r;
-        EXPECT_EQ(o.stats.loss_sum, reference[0].stats.loss_sum) << p << " ranks, rank " << r;
-        EXPECT_EQ(o.stats.correct, reference[0].stats.correct);
-        EXPECT_EQ(o.stats.samples, double(batch));
-        EXPECT_EQ(o.stats.nonfinite_layer, -1);
+      for (testing::Via via : {testing::Via::overlap, testing::Via::node}) {
+        const std::vector<Outcome> run = reduce(problem, chunk, p, threads, via);
+        for (int r = 0; r < p; ++r) {
+          const Outcome& o = run[std::size_t(r)];
+          EXPECT_TRUE(same_bits(std::span<const float>(o.mean), g))
+              << p << " ranks x " << threads << " threads, rank " << r << ", via " << int(via);
+          EXPECT_EQ(o.stats.loss_sum, reference[0].stats.loss_sum) << p << " ranks, rank " << r;
+          EXPECT_EQ(o.stats.correct, reference[0].stats.correct);
+          EXPECT_EQ(o.stats.samples, double(batch));
+          EXPECT_EQ(o.stats.nonfinite_layer, -1);
+        }
       }
     }
   }

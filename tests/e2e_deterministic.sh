@@ -34,12 +34,13 @@ for np in 1 2 3 4; do
 done
 
 # Open MPI's allreduce algorithms, forced: blocking collectives (no --collective-timeout) go
-# through coll_tuned, the gradient's nonblocking ones through coll_libnbc.
+# through coll_tuned, the gradient's nonblocking ones through coll_libnbc. The runs above
+# reduce through node memory (one node); these reduce through MPI.
 for algorithms in "4 1" "3 4" "6 3" "1 2"; do
   read -r tuned nbc <<< "$algorithms"
   "${mpirun[@]}" -np 4 --mca coll_tuned_use_dynamic_rules 1 \
     --mca coll_tuned_allreduce_algorithm "$tuned" --mca coll_libnbc_iallreduce_algorithm "$nbc" \
-    "$shardprop" train "${common[@]}" --threads 1 --collective-timeout 0 \
+    "$shardprop" train "${common[@]}" --threads 1 --collective-timeout 0 --reduction mpi \
     --save "$work/alg$tuned$nbc.h5" > /dev/null
   "$python" "$tool" same "$work/ref.h5" "$work/alg$tuned$nbc.h5"
 done

@@ -128,8 +128,8 @@ struct Gradient {
   MinibatchStats stats;
 };
 
-// How reduced_gradient reduces: the MPI reducer per layer (overlap) or once after backward,
-// or the node reducer through shared memory.
+// How reduced_gradient reduces: through MPI per layer (overlap) or once after backward, or
+// through node memory (the node reducer, or the fixed-point one for a chunked model).
 enum class Via { overlap, once, node };
 
 // This rank's rows (x, y) of a global minibatch of `global_rows` rows, through
@@ -142,7 +142,7 @@ Gradient<T> reduced_gradient(Mlp<T>& mlp, Communicator& comm, std::span<const T>
   std::unique_ptr<GradReducer<T>> reducer;
   if (via == Via::node) {
     std::string why;
-    reducer = make_node_reducer<T>(mlp.layout(), comm, 0, why);
+    reducer = make_node_reducer<T>(mlp.layout(), comm, 0, why, mlp.chunk());
     SP_CHECK(reducer, "no node reducer: ", why);
   } else {
     reducer = make_reducer<T>(mlp.layout(), comm, mlp.chunk(), via == Via::overlap);
@@ -151,6 +151,7 @@ Gradient<T> reduced_gradient(Mlp<T>& mlp, Communicator& comm, std::span<const T>
   mlp.forward_backward(params, x, y, *reducer);
   Gradient<T> g;
   g.stats = reducer->finish();
+  reducer->shared_written();  // the node reducers: every rank's share of the mean is written
   g.mean.assign(reducer->gradient().begin(), reducer->gradient().end());
   return g;
 }

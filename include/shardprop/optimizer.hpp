@@ -37,8 +37,11 @@ class Optimizer {
   Optimizer(const Optimizer&) = delete;
   Optimizer& operator=(const Optimizer&) = delete;
 
-  // Applies one update with the mean gradient `grad` (same layout as params).
+  // Applies one update with the mean gradient `grad` (same layout as params), in place, to
+  // every parameter or to those in [begin, end) (the rest is another rank's share).
   void step(std::span<float> params, std::span<const float> grad);
+  void step(std::span<float> params, std::span<const float> grad, std::size_t begin,
+            std::size_t end);
 
   // The node reducer's update of the parameters [begin, end), one rank's share, fused with
   // the mean gradient's computation: element i's gradient is (sums[0][i] + sums[1][i] + …)

@@ -10,7 +10,8 @@
 //     state (nothing is copied through MPI, and each rank updates 1/P of the parameters);
 //   - the fixed-point one (--deterministic) sums each chunk's gradient as integers at a
 //     fixed point every rank agrees on, so the result is the same bits for any number of
-//     ranks and threads (docs/reproducibility.md).
+//     ranks and threads (docs/reproducibility.md); through MPI, or through node memory as
+//     the node reducer does, each rank then updating its share in place.
 // Either way the result is the mean gradient of the global minibatch on every rank.
 #pragma once
 
@@ -107,8 +108,9 @@ class GradReducer {
   // The part of the parameters (and of each optimizer state vector) this rank writes: all of
   // it, or with shared storage this rank's share, the other ranks writing the rest.
   virtual Range share() const { return {0, gradient_size()}; }
-  // After every rank has written its share of the shared storage outside a step (the first
-  // parameters, a restore): waits until all have, so that every rank reads the whole copy.
+  // After every rank has written its share of the shared storage (the first parameters, a
+  // restore, or an update that is not fused): waits until all have, so that every rank
+  // reads the whole copy.
   virtual void shared_written() {}
 
   // Evaluation: the sums over all ranks of per-chunk loss sums `parts` covering this rank's
@@ -123,10 +125,12 @@ template <class T>
 std::unique_ptr<GradReducer<T>> make_reducer(const Layout& layout, Communicator& comm,
                                              std::size_t chunk, bool overlap = true);
 
-// The node reducer, with two copies of `storage` values of shared storage. Collective: null with `why` set
-// on every rank when the ranks do not all run on one node or cannot share the memory.
+// The node reducer, with two copies of `storage` values of shared storage, or with chunk > 0
+// the fixed-point one combining through node memory (one copy). Collective: null with `why`
+// set on every rank when the ranks do not all run on one node or cannot share the memory.
 template <class T>
 std::unique_ptr<GradReducer<T>> make_node_reducer(const Layout& layout, Communicator& comm,
-                                                  std::size_t storage, std::string& why);
+                                                  std::size_t storage, std::string& why,
+                                                  std::size_t chunk = 0);
 
 }  // namespace shardprop
