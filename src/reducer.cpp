@@ -6,6 +6,8 @@
 #include <cmath>
 #include <limits>
 #include <new>
+#include <oneapi/tbb/blocked_range.h>
+#include <oneapi/tbb/parallel_for.h>
 #include <vector>
 
 #include "fixed_point.hpp"
@@ -62,6 +64,22 @@ int mean_and_probe(const Layout& layout, std::span<const T* const> sums, T* mean
     if (probe != T(0)) return int(l);
   }
   return -1;
+}
+
+// mean_and_probe over `range` in parts for the threads; the first non-finite layer of any.
+template <class T>
+int mean_and_probe_parallel(const Layout& layout, std::span<const T* const> sums, T* mean,
+                            Range range, T scale) {
+  std::atomic<int> first{std::numeric_limits<int>::max()};
+  oneapi::tbb::parallel_for(
+      oneapi::tbb::blocked_range<std::size_t>(range.begin, range.end, std::size_t(1) << 15),
+      [&](const auto& part) {
+        const int l = mean_and_probe<T>(layout, sums, mean, {part.begin(), part.end()}, scale);
+        for (int seen = first.load(); l >= 0 && l < seen;) {
+          if (first.compare_exchange_weak(seen, l)) break;
+        }
+      });
+  return first.load() == std::numeric_limits<int>::max() ? -1 : first.load();
 }
 
 // Evaluation sums in double over all ranks through MPI.
@@ -133,8 +151,9 @@ class FloatReducer final : public GradReducer<T> {
                          double(grad_[n + kSamples])};
     SP_CHECK(stats.samples > 0, "global minibatch is empty");
     const T* sums = grad_.data();
-    stats.nonfinite_layer = mean_and_probe<T>(layout_, std::span<const T* const>(&sums, 1),
-                                              grad_.data(), {0, n}, T(1) / T(stats.samples));
+    stats.nonfinite_layer = mean_and_probe_parallel<T>(
+        layout_, std::span<const T* const>(&sums, 1), grad_.data(), {0, n},
+        T(1) / T(stats.samples));
     return stats;
   }
 
@@ -253,7 +272,7 @@ class NodeReducer final : public GradReducer<T> {
         if (part.begin < part.end && !(*update)(segments_, scale, part)) first = int(l);
       }
     } else {
-      first = mean_and_probe<T>(layout_, segments_, mean_, share_, scale);
+      first = mean_and_probe_parallel<T>(layout_, segments_, mean_, share_, scale);
     }
     slots_[comm_.rank()].nonfinite_layer = first;
     const auto checked = Clock::now();
