@@ -53,32 +53,29 @@ void check_reduction(const char* layers, double tolerance) {
               tolerance)
         << "batch " << batch << " over " << world->size() << " ranks";
     expect_same_on_all_ranks<T>(g.mean);
-    // One reduction of the whole gradient after backward gives the same mean gradient,
-    // equal on every rank. On 1 or 2 ranks it has the same bits (a + b = b + a); on more,
-    // MPI may add the ranks' parts in another order.
-    const testing::Gradient<T> once = testing::reduced_gradient<T>(
-        mlp, *world, std::span<const T>(params), xs, ys, batch, testing::Via::once);
-    EXPECT_EQ(once.stats.samples, double(batch));
-    EXPECT_NEAR(once.stats.loss_sum, g.stats.loss_sum, tolerance * std::abs(g.stats.loss_sum));
-    EXPECT_LT(testing::max_relative_error<T>(layout, std::span<const T>(once.mean),
-                                             std::span<const T>(full.mean)),
-              tolerance)
-        << "batch " << batch << " over " << world->size() << " ranks";
-    expect_same_on_all_ranks<T>(once.mean);
+    // One reduction of the whole gradient after backward, and the node reducer (through
+    // memory the ranks share: every rank of these tests runs on one node), give the same
+    // mean gradient, equal on every rank.
+    const auto same_mean = [&](testing::Via via, const char* how) {
+      const testing::Gradient<T> other = testing::reduced_gradient<T>(
+          mlp, *world, std::span<const T>(params), xs, ys, batch, via);
+      EXPECT_EQ(other.stats.samples, double(batch)) << how;
+      EXPECT_NEAR(other.stats.loss_sum, g.stats.loss_sum, tolerance * std::abs(g.stats.loss_sum))
+          << how;
+      EXPECT_LT(testing::max_relative_error<T>(layout, std::span<const T>(other.mean),
+                                               std::span<const T>(full.mean)),
+                tolerance)
+          << "batch " << batch << " over " << world->size() << " ranks, " << how;
+      expect_same_on_all_ranks<T>(other.mean);
+      return other;
+    };
+    const testing::Gradient<T> once = same_mean(testing::Via::once, "once after backward");
+    same_mean(testing::Via::node, "node reducer");
+    // On 1 or 2 ranks one reduction has the overlap's bits (a + b = b + a); on more, MPI may
+    // add the ranks' parts in another order.
     if (world->size() <= 2) {
       EXPECT_TRUE(std::equal(g.mean.begin(), g.mean.end(), once.mean.begin())) << "batch " << batch;
     }
-    // The node reducer: the same mean gradient through memory the ranks share (every rank of
-    // these tests runs on one node).
-    const testing::Gradient<T> node = testing::reduced_gradient<T>(
-        mlp, *world, std::span<const T>(params), xs, ys, batch, testing::Via::node);
-    EXPECT_EQ(node.stats.samples, double(batch));
-    EXPECT_NEAR(node.stats.loss_sum, g.stats.loss_sum, tolerance * std::abs(g.stats.loss_sum));
-    EXPECT_LT(testing::max_relative_error<T>(layout, std::span<const T>(node.mean),
-                                             std::span<const T>(full.mean)),
-              tolerance)
-        << "batch " << batch << " over " << world->size() << " ranks, node reducer";
-    expect_same_on_all_ranks<T>(node.mean);
   }
 }
 
