@@ -124,6 +124,14 @@ for f in hosts/ckpt-*.h5; do
 done
 echo "2 hosts over TCP, SIGKILLed after step $kill_at: its $saved checkpoints are bit-identical to the single-host run's"
 
+# Shared-memory reduction needs one node: asked for across hosts, it is refused with one line.
+status=0
+on_hosts 2 "${run[@]}" --reduction node --max-steps 1 > node.txt 2>&1 || status=$?
+[ "$status" -eq 2 ] || fail "--reduction node across hosts exited $status: $(cat node.txt)"
+grep -q "^shardprop: error: .*--reduction node: the ranks run on more than one node" node.txt ||
+  fail "--reduction node across hosts: $(cat node.txt)"
+echo "--reduction node across 2 hosts: refused ($(grep -m1 '^shardprop: error' node.txt))"
+
 # 3. Three hosts finish the run.
 on_hosts 3 train --train "$work/train.h5" --test "$work/test.h5" --resume "$work/hosts" \
   --checkpoint-dir "$work/hosts" --threads 1 > resumed.txt 2>&1 || fail "the 3-host resume failed: $(cat resumed.txt)"
