@@ -149,6 +149,12 @@ void print_run_header(const RunHeader& run, const Trainer& trainer, const Datase
   std::printf("  batch      %s global%s, %s per epoch, %s\n", thousands(s.batch).c_str(),
               split.c_str(), count_of(trainer.batches_per_epoch(), "step").c_str(),
               count_of(s.epochs, "epoch").c_str());
+  if (run.ranks > 1) {
+    std::printf("  reduction  %s\n", trainer.reduces_in_node_memory()
+                                         ? "node: through shared memory, each rank updating its "
+                                           "share of the parameters"
+                                         : "mpi: MPI_Iallreduce, every rank updating all parameters");
+  }
   if (s.deterministic) {
     std::printf("  mode       deterministic, chunks of %llu rows: the same bits for any ranks and "
                 "threads\n", (unsigned long long)s.chunk);

@@ -100,6 +100,9 @@ class Trainer {
   void reset_step_times() { times_ = {}; }
   // Whether run() has steps left to take.
   bool steps_left() const;
+  // Whether the ranks reduce through the node's shared memory (the node reducers), each
+  // updating its share of one shared copy of the parameters, rather than through MPI.
+  bool reduces_in_node_memory() const { return own_params_.empty(); }
   // The signal that stopped run() early (agreed by every rank), or 0.
   int stopped_by_signal() const { return stopped_by_; }
 
