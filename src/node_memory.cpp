@@ -65,6 +65,16 @@ std::unique_ptr<NodeMemory> NodeMemory::create(Communicator& comm, std::size_t b
     return nullptr;
   }
   SP_CHECK(bytes > 0, "node memory of 0 bytes");
+  // Ranks that disagree on the size (another model: the trainer's agreement check names
+  // it) would map past the object's end.
+  // Both reductions on every rank, whatever the first shows.
+  const auto size = std::int64_t(bytes);
+  const std::int64_t largest = comm.allreduce_max(size);
+  const std::int64_t smallest = -comm.allreduce_max(-size);
+  if (largest != size || smallest != size) {
+    why = "the ranks disagree on the size of the shared memory (their models differ)";
+    return nullptr;
+  }
   // Rank 0 names and creates the object; the name travels with the outcome.
   static std::atomic<std::uint64_t> serial{0};
   std::array<char, 64> name{};

@@ -245,7 +245,12 @@ class NodeReducer final : public GradReducer<T> {
 
   void layer(std::size_t l, ConstMatrixView<T> input, ConstMatrixView<T> delta,
              Bf16Operands bf16) override {
-    layer_sums(layout_, std::span<T>(own_, layout_.size()), l, input, delta, bf16, Callback());
+    // In the MPI reducer's parts (it makes progress calls between them): a library may round
+    // a column differently in another split, and a job must give the same bits on one node
+    // as across nodes.
+    const auto nothing = [] {};
+    layer_sums(layout_, std::span<T>(own_, layout_.size()), l, input, delta, bf16,
+               comm_.size() > 1 ? Callback(nothing) : Callback());
   }
 
   void progress() override {}

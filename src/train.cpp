@@ -147,8 +147,12 @@ void Trainer::check_agreement() {
                           std::uint64_t(train_.cols)}) {
     h = mix64(h ^ v);
   }
+  // Both reductions on every rank: a rank that already sees a difference must still take
+  // part in the second.
   const auto mine = std::int64_t(h >> 2);
-  const bool same = comm_.allreduce_max(mine) == mine && comm_.allreduce_max(-mine) == -mine;
+  const std::int64_t largest = comm_.allreduce_max(mine);
+  const std::int64_t smallest = -comm_.allreduce_max(-mine);
+  const bool same = largest == mine && smallest == mine;
   SP_CHECK(same, "ranks disagree on the model layout, settings or training data");
 }
 

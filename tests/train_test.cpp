@@ -139,6 +139,29 @@ TEST_P(Divergence, StopsEveryRankAndNamesStepAndLayer) {
   EXPECT_NE(reports[0].find("non-finite gradient in layer "), std::string::npos) << reports[0];
 }
 
+// Ranks given different models stop together with one reason, whichever reduction they
+// would use (the node reducer's memory would differ in size between them).
+TEST(Trainer, RanksWithDifferentModelsStopTogether) {
+  const Dataset data = testing::noisy_classes(40, 3, 2, 1.0);
+  for (const char* reduction : {"auto", "mpi"}) {
+    std::string errors[2];
+    testing::run_ranks(2, [&](Communicator& comm) {
+      Settings config = settings_for(comm.rank() == 0 ? "3,4,2" : "3,40,2", 10);
+      config.reduction = reduction;
+      try {
+        Trainer trainer(config, comm, data);
+      } catch (const Error& e) {
+        errors[comm.rank()] = e.what();
+      }
+    });
+    for (const std::string& e : errors) {
+      EXPECT_NE(e.find("ranks disagree on the model layout, settings or training data"),
+                std::string::npos)
+          << reduction << ": " << e;
+    }
+  }
+}
+
 // The node reducer (one shared copy of the parameters and the optimizer's state, each rank
 // updating its share) trains as the MPI reducer does, and its checkpoints resume on either.
 // Tolerance: the two add the ranks' sums in another grouping (rank order against MPI's), so
