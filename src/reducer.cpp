@@ -82,6 +82,18 @@ int mean_and_probe_parallel(const Layout& layout, std::span<const T* const> sums
   return first.load() == std::numeric_limits<int>::max() ? -1 : first.load();
 }
 
+// `bytes` rounded up to a whole number of 64-byte cache lines: where the next part of a
+// node reducer's shared memory starts.
+std::size_t cache_lines(std::size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+// This rank's share of n parameters under a node reducer: contiguous, split at multiples of
+// the layout's alignment (64 bytes of float).
+Range node_share(std::size_t n, const Communicator& comm) {
+  const std::size_t units = n / Layout::kAlign, r = std::size_t(comm.rank());
+  const auto p = std::size_t(comm.size());
+  return {units * r / p * Layout::kAlign, units * (r + 1) / p * Layout::kAlign};
+}
+
 // Evaluation sums in double over all ranks through MPI.
 EvalStats float_losses(Communicator& comm, std::span<const LossSums> parts, std::size_t rows) {
   double sums[3] = {0, 0, double(rows)};
@@ -194,12 +206,11 @@ class NodeReducer final : public GradReducer<T> {
   struct Parts {
     std::size_t slots, segments, mean, storage[2], bytes;
     Parts(std::size_t n, int ranks, std::size_t storage_values) {
-      const auto up = [](std::size_t b) { return (b + 63) / 64 * 64; };
-      slots = up(sizeof(NodeBarrier));
-      segments = up(slots + std::size_t(ranks) * sizeof(Slot));
-      mean = up(segments + std::size_t(ranks) * n * sizeof(T));
-      storage[0] = up(mean + n * sizeof(T));
-      storage[1] = up(storage[0] + storage_values * sizeof(T));
+      slots = cache_lines(sizeof(NodeBarrier));
+      segments = cache_lines(slots + std::size_t(ranks) * sizeof(Slot));
+      mean = cache_lines(segments + std::size_t(ranks) * n * sizeof(T));
+      storage[0] = cache_lines(mean + n * sizeof(T));
+      storage[1] = cache_lines(storage[0] + storage_values * sizeof(T));
       bytes = storage[1] + storage_values * sizeof(T);
     }
   };
@@ -219,10 +230,7 @@ class NodeReducer final : public GradReducer<T> {
     own_ = segments + std::size_t(comm.rank()) * n;
     mean_ = reinterpret_cast<T*>(base + parts.mean);
     for (int c = 0; c < 2; ++c) storage_[c] = reinterpret_cast<T*>(base + parts.storage[c]);
-    // Shares split the elements at multiples of the layout's alignment (64 bytes of float).
-    const std::size_t units = n / Layout::kAlign, r = std::size_t(comm.rank());
-    const auto p = std::size_t(comm.size());
-    share_ = {units * r / p * Layout::kAlign, units * (r + 1) / p * Layout::kAlign};
+    share_ = node_share(n, comm);
     if (comm.rank() == 0) {
       for (int q = 0; q < comm.size(); ++q) new (&slots_[q]) Slot;
     }
@@ -355,11 +363,10 @@ class FixedPointReducer final : public GradReducer<float> {
   struct Parts {
     std::size_t bounds, segments, mean, storage, bytes;
     Parts(std::size_t n, std::size_t layers, int ranks, std::size_t storage_values) {
-      const auto up = [](std::size_t b) { return (b + 63) / 64 * 64; };
-      bounds = up(sizeof(NodeBarrier));
-      segments = up(bounds + std::size_t(ranks) * layers * 3 * sizeof(double));
-      mean = up(segments + std::size_t(ranks) * (n + kStats) * sizeof(std::int64_t));
-      storage = up(mean + n * sizeof(float));
+      bounds = cache_lines(sizeof(NodeBarrier));
+      segments = cache_lines(bounds + std::size_t(ranks) * layers * 3 * sizeof(double));
+      mean = cache_lines(segments + std::size_t(ranks) * (n + kStats) * sizeof(std::int64_t));
+      storage = cache_lines(mean + n * sizeof(float));
       bytes = storage + storage_values * sizeof(float);
     }
   };
@@ -394,9 +401,7 @@ class FixedPointReducer final : public GradReducer<float> {
     sums_ = segments + std::size_t(comm.rank()) * (n + kStats);
     grad_ = reinterpret_cast<float*>(base + parts.mean);
     storage_ = reinterpret_cast<float*>(base + parts.storage);
-    const std::size_t units = n / Layout::kAlign, r = std::size_t(comm.rank());
-    const auto p = std::size_t(comm.size());
-    share_ = {units * r / p * Layout::kAlign, units * (r + 1) / p * Layout::kAlign};
+    share_ = node_share(n, comm);
     meet("the node reducer's start");
   }
 
