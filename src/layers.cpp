@@ -9,6 +9,7 @@
 
 #include "fixed_point.hpp"
 #include "gemm.hpp"
+#include "shardprop/data.hpp"
 
 namespace shardprop {
 
@@ -47,7 +48,8 @@ std::size_t block_size(std::size_t n, std::size_t min_block, std::size_t align) 
   return std::max<std::size_t>(block, 1);
 }
 
-// Runs body(begin, end) over [0, n) in contiguous blocks of `block` elements, one task each.
+// Runs body(begin, end) over [0, n) in contiguous blocks of `block` elements, one task each:
+// block k is [k·block, (k + 1)·block), the last one shorter.
 template <class Body>
 void for_blocks(std::size_t n, std::size_t block, const Body& body) {
   if (n == 0) return;
@@ -56,8 +58,12 @@ void for_blocks(std::size_t n, std::size_t block, const Body& body) {
     return;
   }
   oneapi::tbb::parallel_for(
-      oneapi::tbb::blocked_range<std::size_t>(0, n, block),
-      [&](const oneapi::tbb::blocked_range<std::size_t>& r) { body(r.begin(), r.end()); },
+      oneapi::tbb::blocked_range<std::size_t>(0, (n + block - 1) / block, 1),
+      [&](const oneapi::tbb::blocked_range<std::size_t>& r) {
+        for (std::size_t k = r.begin(); k != r.end(); ++k) {
+          body(k * block, std::min(n, (k + 1) * block));
+        }
+      },
       oneapi::tbb::simple_partitioner());
 }
 
@@ -175,46 +181,68 @@ void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
   });
 }
 
+namespace {
+
+// dense_backward_params' split of dw's rows over the tasks of a part of `rows` rows.
+std::size_t dw_row_block(std::size_t rows) { return block_size(rows, kMinRows, kMinRows); }
+
+// The columns of db that task `k` of `tasks` sums: contiguous blocks, multiples of 16 wide.
+Range bias_columns(std::size_t cols, std::size_t k, std::size_t tasks) {
+  const std::size_t width = ((cols + tasks - 1) / tasks + kMinCols - 1) / kMinCols * kMinCols;
+  const std::size_t c0 = std::min(cols, k * width);
+  return {c0, std::min(cols, c0 + width)};
+}
+
+}  // namespace
+
 template <class T>
 void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, MatrixView<T> dw,
                            RowVectorView<T> db, Callback progress, const std::uint16_t* x_bf16,
                            const std::uint16_t* delta_bf16) {
+  const auto in = static_cast<std::size_t>(x.cols());
   const auto cols = static_cast<std::size_t>(delta.cols());
-  const auto columns = [&](std::size_t p0, std::size_t p1) {
-    const std::size_t n = p1 - p0;
-    for_blocks(n, block_size(n, kMinCols, kMinCols), [&](std::size_t c0, std::size_t c1) {
-      c0 += p0;
-      c1 += p0;
-      auto sum = db.segment(Eigen::Index(c0), Eigen::Index(c1 - c0));
-      // 0 rows: a product of depth 0, which gives zeros.
+  // Rows [p0, p1) of dw, in row blocks (one per thread); the first part's tasks also sum
+  // db, each a block of its columns.
+  const auto part_rows = [&](std::size_t p0, std::size_t p1) {
+    const std::size_t n = p1 - p0, block = dw_row_block(n);
+    const std::size_t tasks = (n + block - 1) / block;
+    for_blocks(n, block, [&](std::size_t r0, std::size_t r1) {
+      const std::size_t k = r0 / block;
+      r0 += p0;
+      r1 += p0;
+      // dw[r0:r1, :] = x[:, r0:r1]ᵀ·δ; 0 rows of x: a product of depth 0, which gives zeros.
       const auto product = [&] {
         if constexpr (std::is_same_v<T, float>) {
           if (x_bf16) {
-            return gemm::multiply_bf16(Op::transpose, Op::none, bf16_view(x_bf16, x, 0, x.cols()),
-                                       bf16_view(delta_bf16, delta, c0, c1 - c0),
-                                       cols_of(dw, c0, c1 - c0));
+            return gemm::multiply_bf16(
+                Op::transpose, Op::none,
+                bf16_view(x_bf16, x, Eigen::Index(r0), Eigen::Index(r1 - r0)),
+                bf16_view(delta_bf16, delta, 0, delta.cols()), rows_of(dw, r0, r1 - r0));
           }
         }
-        gemm::multiply<T>(Op::transpose, Op::none, T(1), whole(x), cols_of(delta, c0, c1 - c0),
-                          T(0), cols_of(dw, c0, c1 - c0));
+        gemm::multiply<T>(Op::transpose, Op::none, T(1), cols_of(x, r0, r1 - r0), whole(delta),
+                          T(0), rows_of(dw, r0, r1 - r0));
       };
       product();
+      if (p0 != 0) return;
       // The summed bias rows, row by row: contiguous reads (a column sum of a row-major
       // matrix would stride through memory).
+      const Range c = bias_columns(cols, k, tasks);
+      auto sum = db.segment(Eigen::Index(c.begin), Eigen::Index(c.size()));
       sum.setZero();
       for (Eigen::Index r = 0; r < delta.rows(); ++r) {
-        sum += delta.row(r).segment(Eigen::Index(c0), Eigen::Index(c1 - c0));
+        sum += delta.row(r).segment(Eigen::Index(c.begin), Eigen::Index(c.size()));
       }
     });
   };
   if (!progress) {
-    columns(0, cols);
+    part_rows(0, in);
     return;
   }
   constexpr std::size_t kParts = 4, kMinPart = 128;
-  const std::size_t part = std::max(kMinPart, (cols + kParts - 1) / kParts / kMinCols * kMinCols);
-  for (std::size_t p0 = 0; p0 < cols; p0 += part) {
-    columns(p0, std::min(cols, p0 + part));
+  const std::size_t part = std::max(kMinPart, (in + kParts - 1) / kParts / kMinRows * kMinRows);
+  for (std::size_t p0 = 0; p0 < in; p0 += part) {
+    part_rows(p0, std::min(in, p0 + part));
     progress();
   }
 }
@@ -269,6 +297,29 @@ void round_bf16(ConstMatrixView<float> m, std::uint16_t* out) {
   const auto n = static_cast<std::size_t>(m.size());
   for_blocks(n, block_size(n, 1 << 14, 64), [&](std::size_t i0, std::size_t i1) {
     gemm::to_bf16(m.data() + i0, out + i0, i1 - i0);
+  });
+}
+
+void for_gradient_blocks(const Layout& layout,
+                         FunctionRef<std::size_t, std::size_t, std::size_t> run) {
+  std::size_t blocks = 1;
+  for (std::size_t l = 0; l < layout.layer_count(); ++l) {
+    const std::size_t in = layout.block(l).in;
+    blocks = std::max(blocks, (in + dw_row_block(in) - 1) / dw_row_block(in));
+  }
+  for_blocks(blocks, 1, [&](std::size_t b0, std::size_t b1) {
+    for (std::size_t k = b0; k < b1; ++k) {
+      for (std::size_t l = 0; l < layout.layer_count(); ++l) {
+        const Layout::Block& block = layout.block(l);
+        const std::size_t rows = dw_row_block(block.in);
+        const std::size_t tasks = (block.in + rows - 1) / rows;
+        if (k >= tasks) continue;
+        const std::size_t r0 = k * rows, r1 = std::min(block.in, r0 + rows);
+        run(l, block.w_offset + r0 * block.out, block.w_offset + r1 * block.out);
+        const Range c = bias_columns(block.out, k, tasks);
+        if (c.size() > 0) run(l, block.b_offset + c.begin, block.b_offset + c.end);
+      }
+    }
   });
 }
 

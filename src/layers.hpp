@@ -40,9 +40,10 @@ void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
 
 // dw = xᵀ·delta and db = column sums of delta (the summed bias rows); both are written, not
 // added to, so the caller need not clear them first (0 rows give zeros).
-// x (rows, in), delta (rows, out), dw (in, out), db (out). Split over output columns, so
-// no thread ever writes another's columns and no per-thread reduction is needed.
-// With `progress`, the columns go in a few consecutive parts and progress() runs on the
+// x (rows, in), delta (rows, out), dw (in, out), db (out). Split over the rows of dw (the
+// inputs), so each thread writes one contiguous block and no per-thread reduction is
+// needed; db is split over its columns among the same tasks.
+// With `progress`, the rows go in a few consecutive parts and progress() runs on the
 // calling thread after each (to let communication advance); the sums are the same.
 // With `x_bf16` and `delta_bf16` (the bfloat16 roundings of x and delta, same shapes), the
 // product xᵀ·delta takes them as operands (bf16 mode); db still sums the float δ.
@@ -65,6 +66,14 @@ void dense_backward_input_bf16(ConstMatrixView<float> delta, const std::uint16_t
                                Activation act_prev, MatrixView<float> dx, std::uint16_t* dx_bf16);
 // Rounds a row-major matrix to bfloat16 (in parallel): out has m.size() elements.
 void round_bf16(ConstMatrixView<float> m, std::uint16_t* out);
+
+// Runs run(layer, begin, end) over the flat ranges [begin, end) of a gradient laid out by
+// `layout` in the blocks dense_backward_params writes when called without progress: each
+// task's rows of every W and its columns of every b, the tasks split over the threads the
+// way its products are. So a thread tends to revisit the values it
+// wrote while they are in its cache. Covers every W and b; not the padding between them.
+void for_gradient_blocks(const Layout& layout,
+                         FunctionRef<std::size_t, std::size_t, std::size_t> run);
 
 // Runs body(c) for c in [0, chunks), in parallel, each on one thread.
 void for_each_chunk(std::size_t chunks, FunctionRef<std::size_t> body);

@@ -70,42 +70,69 @@ void Optimizer::step(std::span<float> params, std::span<const float> grad) {
   step(params, grad, 0, size_);
 }
 
+namespace {
+
+// The in-place updates of a run. Each pointer is its own array (the parameters, the
+// gradient and each state vector), which lets the loops run in vector lanes.
+void sgd_in_place(const float* __restrict g, float* __restrict w, float* __restrict m,
+                  std::size_t count, float lr, float wd, float mu) {
+  for (std::size_t i = 0; i < count; ++i) {
+    m[i] = mu * m[i] + (g[i] + wd * w[i]);
+    w[i] -= lr * m[i];
+  }
+}
+
+void adam_in_place(const float* __restrict g, float* __restrict w, float* __restrict m,
+                   float* __restrict v, std::size_t count, float lr, float wd, float b1, float b2,
+                   float eps, float c1, float c2) {
+  for (std::size_t i = 0; i < count; ++i) {
+    const float gi = g[i] + wd * w[i];
+    m[i] = b1 * m[i] + (1 - b1) * gi;
+    v[i] = b2 * v[i] + (1 - b2) * gi * gi;
+    w[i] -= lr * (m[i] * c1) / (std::sqrt(v[i] * c2) + eps);
+  }
+}
+
+}  // namespace
+
 void Optimizer::step(std::span<float> params, std::span<const float> grad, std::size_t begin,
                      std::size_t end) {
+  SP_CHECK(begin <= end && end <= size_, "optimizer share out of range");
+  // Elementwise updates: the split into blocks cannot change any result.
+  constexpr std::size_t kBlock = 1 << 14;
+  step(params, grad, [&](Update update) {
+    oneapi::tbb::parallel_for(oneapi::tbb::blocked_range<std::size_t>(begin, end, kBlock),
+                              [&](const auto& r) { update(r.begin(), r.end()); });
+  });
+}
+
+void Optimizer::step(std::span<float> params, std::span<const float> grad,
+                     FunctionRef<Update> for_runs) {
   SP_CHECK(params.size() == size_ && grad.size() >= size_, "optimizer sized for ", size_,
            " parameters got ", params.size());
-  SP_CHECK(begin <= end && end <= size_, "optimizer share out of range");
   ++steps_;
   const auto lr = float(config_.lr), wd = float(config_.weight_decay);
   float* w = params.data();
   const float* g = grad.data();
   float* m = state_.data();
-  // Elementwise updates: the split into blocks cannot change any result.
-  constexpr std::size_t kBlock = 1 << 14;
+  const std::size_t size = size_;
   if (config_.kind == OptimizerKind::sgd) {
     const auto mu = float(config_.momentum);
-    oneapi::tbb::parallel_for(
-        oneapi::tbb::blocked_range<std::size_t>(begin, end, kBlock), [&](const auto& r) {
-          for (std::size_t i = r.begin(); i != r.end(); ++i) {
-            m[i] = mu * m[i] + (g[i] + wd * w[i]);
-            w[i] -= lr * m[i];
-          }
-        });
+    for_runs([&](std::size_t begin, std::size_t end) {
+      SP_CHECK(begin <= end && end <= size, "optimizer run out of range");
+      sgd_in_place(g + begin, w + begin, m + begin, end - begin, lr, wd, mu);
+    });
   } else {
     float* v = m + size_;
     const auto b1 = float(config_.beta1), b2 = float(config_.beta2), eps = float(config_.eps);
     const auto t = double(steps_);
     const auto c1 = float(1.0 / (1.0 - std::pow(config_.beta1, t)));
     const auto c2 = float(1.0 / (1.0 - std::pow(config_.beta2, t)));
-    oneapi::tbb::parallel_for(
-        oneapi::tbb::blocked_range<std::size_t>(begin, end, kBlock), [&](const auto& r) {
-          for (std::size_t i = r.begin(); i != r.end(); ++i) {
-            const float gi = g[i] + wd * w[i];
-            m[i] = b1 * m[i] + (1 - b1) * gi;
-            v[i] = b2 * v[i] + (1 - b2) * gi * gi;
-            w[i] -= lr * (m[i] * c1) / (std::sqrt(v[i] * c2) + eps);
-          }
-        });
+    for_runs([&](std::size_t begin, std::size_t end) {
+      SP_CHECK(begin <= end && end <= size, "optimizer run out of range");
+      adam_in_place(g + begin, w + begin, m + begin, v + begin, end - begin, lr, wd, b1, b2, eps,
+                    c1, c2);
+    });
   }
 }
 

@@ -82,6 +82,23 @@ int mean_and_probe_parallel(const Layout& layout, std::span<const T* const> sums
   return first.load() == std::numeric_limits<int>::max() ? -1 : first.load();
 }
 
+// mean_and_probe over the blocks of for_gradient_blocks: each thread scales and probes the
+// sums it computed.
+template <class T>
+int mean_and_probe_blocks(const Layout& layout, T* grad, T scale) {
+  std::atomic<int> first{std::numeric_limits<int>::max()};
+  using Array = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+  for_gradient_blocks(layout, [&](std::size_t l, std::size_t begin, std::size_t end) {
+    Array block(grad + begin, Eigen::Index(end - begin));
+    block *= scale;
+    if ((block * T(0)).sum() == T(0)) return;
+    for (int seen = first.load(); int(l) < seen;) {
+      if (first.compare_exchange_weak(seen, int(l))) break;
+    }
+  });
+  return first.load() == std::numeric_limits<int>::max() ? -1 : first.load();
+}
+
 // `bytes` rounded up to a whole number of 64-byte cache lines: where the next part of a
 // node reducer's shared memory starts.
 std::size_t cache_lines(std::size_t bytes) { return (bytes + 63) / 64 * 64; }
@@ -162,11 +179,23 @@ class FloatReducer final : public GradReducer<T> {
     MinibatchStats stats{double(grad_[n + kLossSum]), double(grad_[n + kCorrect]),
                          double(grad_[n + kSamples])};
     SP_CHECK(stats.samples > 0, "global minibatch is empty");
-    const T* sums = grad_.data();
-    stats.nonfinite_layer = mean_and_probe_parallel<T>(
-        layout_, std::span<const T* const>(&sums, 1), grad_.data(), {0, n},
-        T(1) / T(stats.samples));
+    const T scale = T(1) / T(stats.samples);
+    if (comm_.size() == 1) {
+      stats.nonfinite_layer = mean_and_probe_blocks<T>(layout_, grad_.data(), scale);
+    } else {
+      const T* sums = grad_.data();
+      stats.nonfinite_layer = mean_and_probe_parallel<T>(
+          layout_, std::span<const T* const>(&sums, 1), grad_.data(), {0, n}, scale);
+    }
     return stats;
+  }
+
+  void share_runs(FunctionRef<std::size_t, std::size_t> run) const override {
+    if (comm_.size() > 1) return GradReducer<T>::share_runs(run);
+    // Alone, backward computed the gradient in column blocks without progress parts.
+    for_gradient_blocks(layout_, [&](std::size_t, std::size_t begin, std::size_t end) {
+      run(begin, end);
+    });
   }
 
   std::span<const T> gradient() const override {
@@ -609,6 +638,14 @@ class FixedPointReducer final : public GradReducer<float> {
 }  // namespace
 
 template <class T>
+void GradReducer<T>::share_runs(FunctionRef<std::size_t, std::size_t> run) const {
+  const Range range = share();
+  oneapi::tbb::parallel_for(
+      oneapi::tbb::blocked_range<std::size_t>(range.begin, range.end, std::size_t(1) << 14),
+      [&](const auto& r) { run(r.begin(), r.end()); });
+}
+
+template <class T>
 std::unique_ptr<GradReducer<T>> make_reducer(const Layout& layout, Communicator& comm,
                                              std::size_t chunk, bool overlap) {
   if (chunk == 0) return std::make_unique<FloatReducer<T>>(layout, comm, overlap);
@@ -648,6 +685,8 @@ template std::unique_ptr<GradReducer<double>> make_node_reducer<double>(const La
                                                                         Communicator&,
                                                                         std::size_t, std::string&,
                                                                         std::size_t);
+template class GradReducer<float>;
+template class GradReducer<double>;
 template std::unique_ptr<GradReducer<float>> make_reducer<float>(const Layout&, Communicator&,
                                                                  std::size_t, bool);
 template std::unique_ptr<GradReducer<double>> make_reducer<double>(const Layout&, Communicator&,

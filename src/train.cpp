@@ -247,8 +247,9 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
     // Every parameter, or this rank's share of the node's one copy.
     stats = reducer_->finish(before_wait, &times_);
     check(stats);
-    const Range share = reducer_->share();
-    optimizer_.step(params_, reducer_->gradient(), share.begin, share.end);
+    optimizer_.step(params_, reducer_->gradient(), [&](Optimizer::Update update) {
+      reducer_->share_runs(update);
+    });
     reducer_->shared_written();
   }
   state_.step = step;

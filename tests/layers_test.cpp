@@ -1,6 +1,7 @@
 // The worked examples of the seeds: seed 001's forward pass and seed 000's batched identities.
 #include "layers.hpp"
 
+#include <atomic>
 #include <gtest/gtest.h>
 #include <oneapi/tbb/global_control.h>
 
@@ -159,7 +160,7 @@ TEST(Seed000, OutputDeltaIsPredictionMinusTarget) {
   }
 }
 
-// Threading splits rows (forward, dX) and output columns (dW, db); the result must not
+// Threading splits rows (forward, dX), the rows of dW and the columns of db; the result must not
 // depend on the number of threads beyond GEMM rounding.
 TEST(Threads, KernelsAgreeAcrossThreadCounts) {
   const ModelSpec spec = parse_model("50,300:relu,200:sigmoid,10:softmax", "xent");
@@ -179,6 +180,41 @@ TEST(Threads, KernelsAgreeAcrossThreadCounts) {
   }
   EXPECT_LT(testing::max_relative_error<float>(mlp.layout(), std::span<const float>(g2),
                                                std::span<const float>(g1)), 1e-5);
+}
+
+// The single-rank optimizer and mean pass follow dense_backward_params' split of the
+// gradient: for any thread count, their runs must cover every weight and bias exactly once
+// and never the padding between blocks (which stays zero).
+TEST(Threads, GradientBlocksCoverEveryParameterOnce) {
+  const std::pair<const char*, const char*> models[] = {
+      {"50,300:relu,200:sigmoid,10:softmax", "xent"},
+      {"7,3:tanh,1:sigmoid", "bce"},
+      {"784,1024:relu,1024:relu,10:softmax", "xent"},
+      {"33,17:relu,5:identity", "mse"}};
+  for (const auto& [layers, loss] : models) {
+    const Layout layout(parse_model(layers, loss));
+    std::vector<char> expected(layout.size(), 0);
+    for (std::size_t l = 0; l < layout.layer_count(); ++l) {
+      const Layout::Block& b = layout.block(l);
+      std::fill_n(expected.begin() + std::ptrdiff_t(b.w_offset), b.in * b.out, 1);
+      std::fill_n(expected.begin() + std::ptrdiff_t(b.b_offset), b.out, 1);
+    }
+    for (std::size_t threads : {1, 2, 3, 5}) {
+      const oneapi::tbb::global_control limit(
+          oneapi::tbb::global_control::max_allowed_parallelism, threads);
+      std::vector<std::atomic<int>> seen(layout.size());
+      std::atomic<bool> wrong_layer{false};
+      for_gradient_blocks(layout, [&](std::size_t l, std::size_t begin, std::size_t end) {
+        const auto [first, last] = layout.layer_range(l);
+        if (begin < first || end > last || begin > end) wrong_layer = true;
+        for (std::size_t i = begin; i < std::min(end, layout.size()); ++i) ++seen[i];
+      });
+      EXPECT_FALSE(wrong_layer) << layers << ", " << threads << " threads";
+      std::size_t mismatches = 0;
+      for (std::size_t i = 0; i < layout.size(); ++i) mismatches += seen[i] != expected[i];
+      EXPECT_EQ(mismatches, 0u) << layers << ", " << threads << " threads";
+    }
+  }
 }
 
 }  // namespace

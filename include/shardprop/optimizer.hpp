@@ -5,6 +5,7 @@
 #include <span>
 #include <string_view>
 
+#include "shardprop/function_ref.hpp"
 #include "shardprop/params.hpp"
 #include "shardprop/settings.hpp"
 
@@ -42,6 +43,11 @@ class Optimizer {
   void step(std::span<float> params, std::span<const float> grad);
   void step(std::span<float> params, std::span<const float> grad, std::size_t begin,
             std::size_t end);
+  // One step in place over ranges the caller lays out: for_runs(update) calls
+  // update(begin, end) on disjoint ranges that cover the parameters to update, from any of
+  // its threads (so the caller decides which thread updates which values).
+  using Update = FunctionRef<std::size_t, std::size_t>;
+  void step(std::span<float> params, std::span<const float> grad, FunctionRef<Update> for_runs);
 
   // The node reducer's update of the parameters [begin, end), one rank's share, fused with
   // the mean gradient's computation: element i's gradient is (sums[0][i] + sums[1][i] + …)

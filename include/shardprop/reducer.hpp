@@ -108,6 +108,11 @@ class GradReducer {
   // The part of the parameters (and of each optimizer state vector) this rank writes: all of
   // it, or with shared storage this rank's share, the other ranks writing the rest.
   virtual Range share() const { return {0, gradient_size()}; }
+  // Lays out an elementwise pass over share() for the threads: calls run(begin, end) on
+  // disjoint ranges covering it, in parallel. A reducer that knows which thread computed
+  // which values hands them back to it (the optimizer's update then reads them from the
+  // cache they were written to).
+  virtual void share_runs(FunctionRef<std::size_t, std::size_t> run) const;
   // After every rank has written its share of the shared storage (the first parameters, a
   // restore, or an update that is not fused): waits until all have, so that every rank
   // reads the whole copy.
