@@ -26,14 +26,16 @@ Mlp<float> model_of(const Checkpoint& model, const ModelArgs& args, std::size_t 
 
 int run_eval(const ModelArgs& args, MpiComm& comm) {
   const Checkpoint model = load_shared(comm, args.checkpoint, "--checkpoint");
-  Dataset data;
-  collective_check(comm, [&] {
-    data = read_dataset(args.data);
-    check_fits(data, model.spec, args.data);
-  });
   // A model trained with --deterministic is evaluated in its chunks and sums: the same bits
   // on any number of ranks.
   const std::size_t chunk = model.settings.deterministic_chunk();
+  Dataset data;
+  collective_check(comm, [&] {
+    // Each rank reads only the rows it evaluates.
+    data = comm.size() > 1 ? read_dataset(args.data, true, RowBlock{comm.rank(), comm.size(), chunk})
+                           : read_dataset(args.data);
+    check_fits(data, model.spec, args.data);
+  });
   Mlp<float> mlp = model_of(model, args, chunk);
   const auto reducer = make_reducer<float>(mlp.layout(), comm, chunk);
   const EvalStats e = evaluate_dataset(mlp, *reducer, comm, model.params, data, args.eval_batch);

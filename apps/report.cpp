@@ -129,11 +129,14 @@ void print_run_header(const RunHeader& run, const Trainer& trainer, const Datase
   std::printf("  model      %s, loss %s, %s parameters\n", spec.layers_string().c_str(),
               s.loss.c_str(), thousands(spec.parameter_count()).c_str());
   const Dataset& train = trainer.train_data();
-  std::printf("  train      %s: %s samples x %zu features\n", s.train.c_str(),
-              thousands(train.rows).c_str(), train.cols);
+  const auto held = [&](const Dataset& d) {
+    return d.partitioned() ? " (" + thousands(d.rows) + " on this rank)" : std::string();
+  };
+  std::printf("  train      %s: %s samples x %zu features%s\n", s.train.c_str(),
+              thousands(train.global_rows()).c_str(), train.cols, held(train).c_str());
   if (test) {
-    std::printf("  test       %s: %s samples x %zu features\n", s.test.c_str(),
-                thousands(test->rows).c_str(), test->cols);
+    std::printf("  test       %s: %s samples x %zu features%s\n", s.test.c_str(),
+                thousands(test->global_rows()).c_str(), test->cols, held(*test).c_str());
   }
   std::size_t fewest = s.batch, most = 0;
   for (int r = 0; r < run.ranks; ++r) {

@@ -75,16 +75,24 @@ int run_train(const Settings& cli, const GivenFlags& given, MpiComm& comm) {
   collective_check(comm, [&] {
     SP_CHECK_USAGE(!s.train.empty(), "--train is required");
     const ModelSpec spec = parse_model(s.layers, s.loss);
-    train = read_dataset(s.train);
+    // Partitioned: each rank reads its block of the training set (any split serves: the
+    // rows travel) and of the test set (the rows it evaluates).
+    const bool partitioned = s.data_placement == "partitioned" && comm.size() > 1;
+    const auto block = [&](std::size_t chunk) {
+      return partitioned ? std::optional<RowBlock>(RowBlock{comm.rank(), comm.size(), chunk})
+                         : std::nullopt;
+    };
+    train = read_dataset(s.train, true, block(0));
     check_fits(train, spec, s.train);
     if (const auto& c = checkpointer.resumed()) {
-      SP_CHECK(train.rows == c->train_rows && train.cols == c->train_cols, s.train, ": ",
-               train.rows, " samples of ", train.cols, " features, but the checkpoint was "
+      SP_CHECK(train.global_rows() == c->train_rows && train.cols == c->train_cols, s.train,
+               ": ", train.global_rows(), " samples of ", train.cols,
+               " features, but the checkpoint was "
                "trained on ", c->train_rows, " of ", c->train_cols,
                " (the sample order depends on the training set)");
     }
     if (!s.test.empty()) {
-      test = read_dataset(s.test);
+      test = read_dataset(s.test, true, block(s.deterministic_chunk()));
       check_fits(test, spec, s.test);
     }
   });

@@ -2,9 +2,11 @@
 # Real multi-host runs on one machine: three hosts are network namespaces joined by veth
 # pairs to a bridge, and mpirun starts ranks on them with --host over TCP (its rsh agent
 # is a launcher that runs the command inside the host's namespace). It
-#   1. trains Fashion-MNIST on 1 host x 2 ranks (shared memory), checkpointing, as reference;
-#   2. trains the same run on 2 hosts x 1 rank over TCP, is killed with SIGKILL after step 300,
-#      and checks that every checkpoint it wrote is bit-identical to the reference's;
+#   1. trains Fashion-MNIST on 1 host x 2 ranks (shared memory), checkpointing, as reference,
+#      every rank holding all of the data (--data-placement replicated);
+#   2. trains the same run on 2 hosts x 1 rank over TCP, each holding its block of the data
+#      (partitioned, the default), is killed with SIGKILL after step 300, and checks that
+#      every checkpoint it wrote is bit-identical to the reference's;
 #   3. resumes it on 3 hosts and checks the final test accuracy against the reference;
 #   4. limits every link (tc: 1 Gbit/s, plus 0.5 ms delay where the kernel has netem) and
 #      reports the step time on 2 hosts with and without overlapping the reduction with
@@ -99,7 +101,7 @@ run=(train --train "$work/train.h5" --test "$work/test.h5" --layers 784,256:relu
 
 # 1. Reference: one host, two ranks over shared memory.
 "$root/scripts/mpirun.sh" 2 "$shardprop" "${run[@]}" --checkpoint-dir "$work/reference" \
-  --checkpoint-every-steps 100 --keep-checkpoints 20 > reference.txt
+  --checkpoint-every-steps 100 --keep-checkpoints 20 --data-placement replicated > reference.txt
 ref_acc=$(grep -o 'test_acc [0-9.]*' reference.txt | tail -1 | cut -d' ' -f2)
 echo "reference, 1 host x 2 ranks: test_acc $ref_acc"
 
@@ -116,13 +118,15 @@ done
 pkill -KILL -f "^$shardprop train .*$work/hosts" || true
 wait "$job" && fail "the killed 2-host run exited 0"
 grep -q "shardprop train: 2 ranks" hosts.txt || fail "the 2-host run did not start 2 ranks"
+grep -q "samples x 784 features (30,000 on this rank)" hosts.txt ||
+  fail "the 2-host run's ranks did not each hold half of the training set"
 saved=0
 for f in hosts/ckpt-*.h5; do
   "$python" "$tool" same "$f" "reference/$(basename "$f")" > /dev/null ||
     fail "$f differs from the single-host run's"
   saved=$((saved + 1))
 done
-echo "2 hosts over TCP, SIGKILLed after step $kill_at: its $saved checkpoints are bit-identical to the single-host run's"
+echo "2 hosts over TCP, each holding half of the data, SIGKILLed after step $kill_at: its $saved checkpoints are bit-identical to the single-host run's (every rank holding all of it)"
 
 # Shared-memory reduction needs one node: asked for across hosts, it is refused with one line.
 status=0

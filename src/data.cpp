@@ -24,16 +24,18 @@ std::size_t Dataset::label_classes() const {
 
 namespace {
 
-void check_finite(const AlignedVector<float>& values, std::size_t cols, const std::string& what) {
+// Rows are numbered from `first` (a partition's first row in the file).
+void check_finite(const AlignedVector<float>& values, std::size_t cols, std::size_t first,
+                  const std::string& what) {
   for (std::size_t i = 0; i < values.size(); ++i) {
     SP_CHECK(std::isfinite(values[i]), what, ": non-finite value ", values[i], " at row ",
-             i / cols, ", column ", i % cols);
+             first + i / cols, ", column ", i % cols);
   }
 }
 
 }  // namespace
 
-Dataset read_dataset(const std::string& path, bool need_targets) {
+Dataset read_dataset(const std::string& path, bool need_targets, std::optional<RowBlock> block) {
   h5::Handle file = h5::open_file(path);
   Dataset data;
   {
@@ -45,12 +47,22 @@ Dataset read_dataset(const std::string& path, bool need_targets) {
              info.dims.size(), "-D");
     SP_CHECK(info.dims[0] > 0, what, " has no samples (N = 0)");
     SP_CHECK(info.dims[1] > 0, what, " has no feature columns");
-    data.rows = info.dims[0];
+    const std::size_t n = info.dims[0];
+    if (block) {
+      const Range mine = shard_range(n, block->rank, block->size, block->chunk);
+      data.first = mine.begin;
+      data.rows = mine.size();
+      data.total = n;
+    } else {
+      data.rows = n;
+    }
     data.cols = info.dims[1];
     data.features.resize(data.rows * data.cols);
-    h5::read_all(features.get(), H5T_NATIVE_FLOAT, data.features.data(), "reading " + what);
-    check_finite(data.features, data.cols, what);
+    h5::read_rows(features.get(), H5T_NATIVE_FLOAT, info.dims, data.first, data.rows,
+                  data.features.data(), "reading " + what);
+    check_finite(data.features, data.cols, data.first, what);
   }
+  const std::size_t n = data.global_rows();
   const bool has_labels = h5::has_link(file.get(), "labels");
   const bool has_targets = h5::has_link(file.get(), "targets");
   SP_CHECK(has_labels || has_targets || !need_targets, path,
@@ -62,25 +74,27 @@ Dataset read_dataset(const std::string& path, bool need_targets) {
     const auto info = h5::dataset_info(labels.get(), what);
     SP_CHECK(info.type_class == H5T_INTEGER, what, " must hold integers");
     SP_CHECK(info.dims.size() == 1, what, " must be 1-D, it is ", info.dims.size(), "-D");
-    SP_CHECK(info.dims[0] == data.rows, what, " has ", info.dims[0], " entries, 'features' has ",
-             data.rows, " rows");
+    SP_CHECK(info.dims[0] == n, what, " has ", info.dims[0], " entries, 'features' has ", n,
+             " rows");
     data.labels.resize(data.rows);
-    h5::read_all(labels.get(), H5T_NATIVE_INT32, data.labels.data(), "reading " + what);
+    h5::read_rows(labels.get(), H5T_NATIVE_INT32, info.dims, data.first, data.rows,
+                  data.labels.data(), "reading " + what);
     const auto bad = std::find_if(data.labels.begin(), data.labels.end(),
                                   [](std::int32_t l) { return l < 0; });
     SP_CHECK(bad == data.labels.end(), what, ": negative label ", bad == data.labels.end() ? 0 : *bad,
-             " at row ", bad - data.labels.begin());
+             " at row ", std::size_t(bad - data.labels.begin()) + data.first);
   } else {
     h5::Handle targets = h5::open_dataset(file.get(), "targets", path);
     const std::string what = path + ": dataset 'targets'";
     const auto info = h5::dataset_info(targets.get(), what);
     SP_CHECK(info.type_class == H5T_FLOAT, what, " must hold floats");
-    SP_CHECK(info.dims.size() == 2 && info.dims[0] == data.rows && info.dims[1] > 0, what,
-             " must be ", data.rows, " × K");
+    SP_CHECK(info.dims.size() == 2 && info.dims[0] == n && info.dims[1] > 0, what, " must be ",
+             n, " × K");
     data.target_cols = info.dims[1];
     data.targets.resize(data.rows * data.target_cols);
-    h5::read_all(targets.get(), H5T_NATIVE_FLOAT, data.targets.data(), "reading " + what);
-    check_finite(data.targets, data.target_cols, what);
+    h5::read_rows(targets.get(), H5T_NATIVE_FLOAT, info.dims, data.first, data.rows,
+                  data.targets.data(), "reading " + what);
+    check_finite(data.targets, data.target_cols, data.first, what);
   }
   return data;
 }
@@ -297,7 +311,7 @@ Dataset read_csv(const std::string& path, std::optional<std::size_t> label_colum
     ++data.rows;
   }
   SP_CHECK(data.rows > 0, path, ": no data rows");
-  check_finite(data.features, data.cols, path);
+  check_finite(data.features, data.cols, 0, path);
   return data;
 }
 
@@ -312,7 +326,8 @@ void check_fits(const Dataset& data, const ModelSpec& spec, const std::string& n
       return std::size_t(l) >= classes;
     });
     SP_CHECK(bad == data.labels.end(), name, ": label ", *bad, " at row ",
-             bad - data.labels.begin(), " is outside [0, ", classes, ") for ", k,
+             std::size_t(bad - data.labels.begin()) + data.first, " is outside [0, ", classes,
+             ") for ", k,
              " output", k == 1 ? "" : "s");
   } else if (data.target_cols > 0) {
     SP_CHECK(data.target_cols == k, name, ": targets have ", data.target_cols,
@@ -323,7 +338,10 @@ void check_fits(const Dataset& data, const ModelSpec& spec, const std::string& n
 void gather(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
             float* x, float* y) {
   for (std::size_t i = 0; i < indices.size(); ++i) {
-    const std::size_t row = indices[i];
+    const std::size_t row = indices[i] - data.first;
+    SP_CHECK(indices[i] >= data.first && row < data.rows, "row ", indices[i],
+             " is not among the rows this rank holds [", data.first, ", ",
+             data.first + data.rows, ")");
     std::copy_n(data.features.data() + row * data.cols, data.cols, x + i * data.cols);
     float* target = y + i * k;
     if (!data.has_labels()) {

@@ -140,6 +140,31 @@ void read_all(hid_t dataset, hid_t mem_type, void* out, const std::string& what)
   check(H5Dread(dataset, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out), what);
 }
 
+void read_rows(hid_t dataset, hid_t mem_type, const std::vector<hsize_t>& dims, hsize_t first,
+               hsize_t count, void* out, const std::string& what) {
+  SP_CHECK(dims.size() == 1 || dims.size() == 2, what, ": not a 1-D or 2-D dataset");
+  SP_CHECK(first <= dims[0] && count <= dims[0] - first, what, ": rows [", first, ", ",
+           first + count, ") are outside its ", dims[0], " rows");
+  const hsize_t width = dims.size() == 2 ? dims[1] : 1;
+  const std::size_t element = H5Tget_size(mem_type);
+  SP_CHECK(element > 0, what, ": H5Tget_size failed");
+  const hsize_t piece = std::max<hsize_t>(1, (hsize_t(8) << 20) / (width * element));
+  Handle file_space(H5Dget_space(dataset), H5Sclose, what + ": H5Dget_space");
+  auto* bytes = static_cast<char*>(out);
+  for (hsize_t done = 0; done < count;) {
+    const hsize_t n = std::min(piece, count - done);
+    const hsize_t start[2] = {first + done, 0}, size[2] = {n, width};
+    check(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start, nullptr, size, nullptr),
+          what + ": selecting rows");
+    Handle memory(H5Screate_simple(int(dims.size()), size, nullptr), H5Sclose,
+                  what + ": H5Screate_simple");
+    check(H5Dread(dataset, mem_type, memory.get(), file_space.get(), H5P_DEFAULT,
+                  bytes + done * width * element),
+          detail::concat(what, ": reading rows ", first + done, " to ", first + done + n - 1));
+    done += n;
+  }
+}
+
 void write_dataset(hid_t where, const std::string& name, hid_t file_type, hid_t mem_type,
                    const std::vector<hsize_t>& dims, const void* data) {
   Handle space(H5Screate_simple(int(dims.size()), dims.data(), nullptr), H5Sclose,

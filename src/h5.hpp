@@ -69,6 +69,11 @@ DatasetInfo dataset_info(hid_t dataset, const std::string& what);
 
 // Reads a whole dataset converted to `mem_type` into `out` (sized by the caller).
 void read_all(hid_t dataset, hid_t mem_type, void* out, const std::string& what);
+// Reads rows [first, first + count) of a 1-D or 2-D dataset of `dims`, converted to
+// `mem_type`, into `out` (count × row elements), a hyperslab of at most about 8 MB at a
+// time: never the whole dataset at once.
+void read_rows(hid_t dataset, hid_t mem_type, const std::vector<hsize_t>& dims, hsize_t first,
+               hsize_t count, void* out, const std::string& what);
 // Writes a new dataset of file type `file_type` with the given dimensions from `data`.
 void write_dataset(hid_t where, const std::string& name, hid_t file_type, hid_t mem_type,
                    const std::vector<hsize_t>& dims, const void* data);

@@ -69,6 +69,10 @@ const SettingSpec kTable[] = {
    "memory the ranks of one node share, each updating 1/P of the parameters), mpi "
    "(MPI_Iallreduce), or auto (node when every rank runs on one node, else mpi)",
    R::invocation, nullptr, 0, "auto|node|mpi", kNone, false, kInf, false},
+  {"--data-placement", &Settings::data_placement, "partitioned: each rank reads only its "
+   "block of the training and test sets (HDF5), and each step's rows travel to the ranks "
+   "that need them (the same sample order and bits); replicated: every rank holds every row",
+   R::invocation, nullptr, 0, "partitioned|replicated", kNone, false, kInf, false},
   {"--precision", &Settings::precision, "fp32, or bf16: products on bfloat16 operands with "
    "float32 sums (needs AVX512_BF16; weights, gradients and checkpoints stay float32)",
    R::restored, "/train/precision", v4, "fp32|bf16", kNone, false, kInf, false},

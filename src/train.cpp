@@ -10,6 +10,7 @@
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/task_arena.h>
 
+#include "exchange.hpp"
 #include "shardprop/error.hpp"
 #include "shardprop/rng.hpp"
 #include "shardprop/stop.hpp"
@@ -110,9 +111,16 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
                  shared_state(*reducer_, 0, mlp_.layout().size())) {
   SP_CHECK_USAGE(settings_.batch >= std::size_t(comm_.size()), "--batch ", settings_.batch,
                  " is smaller than the number of ranks (", comm_.size(), ")");
-  SP_CHECK_USAGE(settings_.batch <= train_.rows, "--batch ", settings_.batch,
-                 " is larger than the training set (", train_.rows, " samples)");
+  SP_CHECK_USAGE(settings_.batch <= train_.global_rows(), "--batch ", settings_.batch,
+                 " is larger than the training set (", train_.global_rows(), " samples)");
   check_agreement();
+  if (train_.partitioned()) {
+    SP_CHECK_USAGE(train_.rows > 0, "the training set's ", train_.global_rows(),
+                   " samples are fewer than the ", comm_.size(),
+                   " ranks: use --data-placement replicated");
+    exchange_ = std::make_unique<RowExchange>(comm_, train_, spec().output_width(), 0,
+                                              mlp_.chunk());
+  }
   if (params_.empty()) {
     own_params_.assign(mlp_.layout().size(), 0.0f);
     params_ = own_params_;
@@ -136,6 +144,14 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
   }
 }
 
+Trainer::~Trainer() = default;
+
+void Trainer::gather_shard(std::span<const std::uint32_t> batch, float* x, float* y) {
+  if (exchange_) return exchange_->gather(batch, x, y);
+  const Range shard = shard_range(batch.size(), comm_.rank(), comm_.size(), mlp_.chunk());
+  gather(train_, batch.subspan(shard.begin, shard.size()), spec().output_width(), x, y);
+}
+
 void Trainer::check_agreement() {
   // Every rank must build the same model and walk the same sample order; compare a hash.
   std::uint64_t h = 0;
@@ -143,8 +159,8 @@ void Trainer::check_agreement() {
     if (may_differ_between_ranks(s.flag)) continue;
     h = mix64(h ^ std::hash<std::string>{}(format_setting(s, settings_)));
   }
-  for (std::uint64_t v : {std::uint64_t(layout().size()), std::uint64_t(train_.rows),
-                          std::uint64_t(train_.cols)}) {
+  for (std::uint64_t v : {std::uint64_t(layout().size()), std::uint64_t(train_.global_rows()),
+                          std::uint64_t(train_.cols), std::uint64_t(train_.partitioned())}) {
     h = mix64(h ^ v);
   }
   // Both reductions on every rank: a rank that already sees a difference must still take
@@ -157,7 +173,7 @@ void Trainer::check_agreement() {
 }
 
 std::size_t Trainer::batches_per_epoch() const {
-  return (train_.rows + settings_.batch - 1) / settings_.batch;
+  return (train_.global_rows() + settings_.batch - 1) / settings_.batch;
 }
 
 std::uint64_t Trainer::total_steps() const {
@@ -203,15 +219,8 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
   const int now = current_;
   const bool ready = prefetched_.data() == global_batch.data() &&
                      prefetched_.size() == global_batch.size() && !global_batch.empty();
-  if (!ready) {
-    gather(train_, global_batch.subspan(shard.begin, shard.size()), k, x_[now].data(),
-           y_[now].data());
-  }
-  const auto prefetch = [&] {
-    const Range next = shard_range(next_batch.size(), comm_.rank(), comm_.size(), chunk);
-    gather(train_, next_batch.subspan(next.begin, next.size()), k, x_[1 - now].data(),
-           y_[1 - now].data());
-  };
+  if (!ready) gather_shard(global_batch, x_[now].data(), y_[now].data());
+  const auto prefetch = [&] { gather_shard(next_batch, x_[1 - now].data(), y_[1 - now].data()); };
   prefetched_ = {};
   // Every collective from here until the next step (the checkpoint of this step included)
   // names the step if it fails.
@@ -267,7 +276,10 @@ EvalStats evaluate_dataset(Mlp<float>& mlp, GradReducer<float>& reducer, Communi
                            std::span<const float> params, const Dataset& data,
                            std::size_t eval_batch) {
   const std::size_t k = mlp.spec().output_width(), chunk = mlp.chunk();
-  const Range mine = shard_range(data.rows, comm.rank(), comm.size(), chunk);
+  const Range mine = shard_range(data.global_rows(), comm.rank(), comm.size(), chunk);
+  SP_CHECK(!data.partitioned() || (mine.begin == data.first && mine.size() == data.rows),
+           "this rank holds rows [", data.first, ", ", data.first + data.rows,
+           ") of the evaluation set, but evaluates [", mine.begin, ", ", mine.end, ")");
   const std::size_t pass = pass_rows(eval_batch, std::max<std::size_t>(mine.size(), 1), chunk);
   AlignedVector<float> x(pass * data.cols), y(pass * k);
   std::vector<std::uint32_t> indices;
@@ -282,7 +294,7 @@ EvalStats evaluate_dataset(Mlp<float>& mlp, GradReducer<float>& reducer, Communi
                                  ConstMatrixView<float>(y.data(), rows, Eigen::Index(k)));
     parts.insert(parts.end(), sums.begin(), sums.end());
   }
-  return reducer.reduce_losses(parts, mine.size(), chunk_count(data.rows, chunk));
+  return reducer.reduce_losses(parts, mine.size(), chunk_count(data.global_rows(), chunk));
 }
 
 EvalStats Trainer::evaluate(const Dataset& data) {
@@ -301,7 +313,7 @@ Checkpoint Trainer::checkpoint() const {
   c.params.assign(params_.begin(), params_.end());
   c.optimizer_steps = optimizer_.steps();
   c.optimizer_state.assign(optimizer_.state().begin(), optimizer_.state().end());
-  c.train_rows = train_.rows;
+  c.train_rows = train_.global_rows();
   c.train_cols = train_.cols;
   c.world_size = comm_.size();
   c.threads = compute_threads();
@@ -319,8 +331,8 @@ void Trainer::restore(const Checkpoint& c) {
                c.optimizer_state.size() == optimizer_.state().size(),
            "checkpoint optimizer ", c.settings.optimizer, " does not match the trainer's ",
            settings_.optimizer);
-  SP_CHECK(c.train_rows == train_.rows && c.train_cols == train_.cols, "the training set has ",
-           train_.rows, " samples of ", train_.cols, " features, but the checkpoint was trained "
+  SP_CHECK(c.train_rows == train_.global_rows() && c.train_cols == train_.cols, "the training set has ",
+           train_.global_rows(), " samples of ", train_.cols, " features, but the checkpoint was trained "
            "on ", c.train_rows, " of ", c.train_cols, " (the sample order depends on it)");
   // Each rank writes its share of the current copy (all of it unless the node's ranks share
   // one).
@@ -356,7 +368,7 @@ void Trainer::run(const Dataset* test, TrainObserver& observer, Checkpointer* ch
   const std::uint64_t total = total_steps();
   while (steps_left()) {
     if (order_epoch_ != state_.epoch) {
-      epoch_permutation(train_.rows, settings_.seed, state_.epoch, order_);
+      epoch_permutation(train_.global_rows(), settings_.seed, state_.epoch, order_);
       order_epoch_ = state_.epoch;
       prefetched_ = {};  // it pointed into the previous order
     }
@@ -368,7 +380,7 @@ void Trainer::run(const Dataset* test, TrainObserver& observer, Checkpointer* ch
       const auto batch = [&](std::uint64_t b) {
         const std::size_t begin = b * settings_.batch;
         return std::span<const std::uint32_t>(order_).subspan(
-            begin, std::min(train_.rows, begin + settings_.batch) - begin);
+            begin, std::min(train_.global_rows(), begin + settings_.batch) - begin);
       };
       // The next batch of this epoch is gathered during this step's reductions.
       const std::uint64_t b = state_.batch_in_epoch;

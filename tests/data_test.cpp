@@ -112,6 +112,54 @@ TEST_F(DataTest, Hdf5RoundTripAndValidation) {
   expect_error([&] { read_dataset(path("nan.h5")); }, "non-finite value nan at row 1, column 1");
 }
 
+// Each rank's block of a file is exactly those rows of the whole set (hyperslab reads of a
+// few MB: the 70,000-row features below take several), and errors name the file's row.
+TEST_F(DataTest, BlocksAreTheRowsOfTheWholeSetAndErrorsNameTheFilesRow) {
+  Dataset d = testing::noisy_classes(70001, 31, 7, 1.0);
+  write_dataset(path("d.h5"), d);
+  const Dataset whole = read_dataset(path("d.h5"));
+  EXPECT_FALSE(whole.partitioned());
+  for (const auto& [size, chunk] : {std::pair{1, 0}, {2, 0}, {3, 0}, {5, 64}, {4, 50000}}) {
+    std::size_t held = 0;
+    for (int rank = 0; rank < size; ++rank) {
+      const Dataset part = read_dataset(path("d.h5"), true, RowBlock{rank, size, std::size_t(chunk)});
+      const Range mine = shard_range(whole.rows, rank, size, std::size_t(chunk));
+      EXPECT_EQ(part.first, mine.begin);
+      ASSERT_EQ(part.rows, mine.size());
+      EXPECT_EQ(part.global_rows(), whole.rows);
+      EXPECT_EQ(part.partitioned(), size > 1 && mine.size() != whole.rows);
+      EXPECT_TRUE(std::equal(part.features.begin(), part.features.end(),
+                             whole.features.begin() + std::ptrdiff_t(mine.begin * whole.cols)));
+      EXPECT_TRUE(std::equal(part.labels.begin(), part.labels.end(),
+                             whole.labels.begin() + std::ptrdiff_t(mine.begin)));
+      held += part.rows;
+    }
+    EXPECT_EQ(held, whole.rows) << size << " ranks";
+  }
+  // A bad value in the second rank's block is reported by its row in the file.
+  d.features[60000 * 31 + 4] = std::numeric_limits<float>::infinity();
+  d.labels[50000] = 9;
+  write_dataset(path("bad.h5"), d);
+  expect_error([&] { read_dataset(path("bad.h5"), true, RowBlock{1, 2, 0}); },
+               "non-finite value inf at row 60000, column 4");
+  d.features[60000 * 31 + 4] = 0;
+  write_dataset(path("bad.h5"), d);
+  EXPECT_NO_THROW(check_fits(read_dataset(path("bad.h5"), true, RowBlock{0, 2, 0}),
+                             parse_model("31,7", "xent"), "bad.h5"));
+  expect_error([&] {
+    check_fits(read_dataset(path("bad.h5"), true, RowBlock{1, 2, 0}), parse_model("31,7", "xent"),
+               "bad.h5");
+  }, "bad.h5: label 9 at row 50000 is outside [0, 7)");
+  // gather takes the file's row numbers and refuses rows the rank does not hold.
+  const Dataset second = read_dataset(path("d.h5"), true, RowBlock{1, 2, 0});
+  std::vector<float> x(31), y(7);
+  const std::uint32_t held_row = 35001, other_row = 5;
+  gather(second, std::span(&held_row, 1), 7, x.data(), y.data());
+  EXPECT_TRUE(std::equal(x.begin(), x.end(), whole.features.begin() + 35001 * 31));
+  expect_error([&] { gather(second, std::span(&other_row, 1), 7, x.data(), y.data()); },
+               "row 5 is not among the rows this rank holds [35000, 70001)");
+}
+
 TEST(Sampler, EpochPermutationIsAPermutationFixedBySeedAndEpoch) {
   std::vector<std::uint32_t> a, b, c, d;
   epoch_permutation(1000, 42, 3, a);

@@ -36,6 +36,8 @@ make("labels_float.h5", features=x, labels=y.astype(np.float32))
 make("labels_2d.h5", features=x, labels=y.reshape(20, 2))
 make("empty.h5", features=np.zeros((0, 10), np.float32), labels=np.zeros(0, np.int32))
 make("label_high.h5", features=x, labels=np.where(np.arange(40) == 17, 4, y).astype(np.int32))
+# In the second rank's block: partitioned (the default), only rank 1 reads it.
+make("label_high_late.h5", features=x, labels=np.where(np.arange(40) == 33, 7, y).astype(np.int32))
 make("label_negative.h5", features=x, labels=np.where(np.arange(40) == 3, -1, y).astype(np.int32))
 nan = x.copy(); nan[12, 7] = np.nan
 make("nan.h5", features=nan, labels=y)
@@ -108,6 +110,9 @@ expect_fail 1 labels_float.h5 "must hold integers" -- train --train labels_float
 expect_fail 1 labels_2d.h5 "must be 1-D" -- train --train labels_2d.h5 --layers 10,4
 expect_fail 1 empty.h5 "N = 0" -- train --train empty.h5 --layers 10,4
 expect_fail 1 label_high.h5 "label 4 at row 17" -- train --train label_high.h5 --layers 10,4
+expect_fail 1 label_high_late.h5 "label 7 at row 33" -- train --train label_high_late.h5 --layers 10,4
+expect_fail 1 label_high_late.h5 "label 7 at row 33" -- train --train label_high_late.h5 --layers 10,4 --data-placement replicated
+expect_fail 1 label_high_late.h5 "label 7 at row 33" -- train --train train.h5 --test label_high_late.h5 --layers 10,4
 expect_fail 1 label_negative.h5 "negative label -1" -- train --train label_negative.h5 --layers 10,4
 expect_fail 1 nan.h5 "non-finite value nan at row 12" -- train --train nan.h5 --layers 10,4
 expect_fail 1 inf.h5 "non-finite value -inf at row 30" -- train --train inf.h5 --layers 10,4

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End to end: `train --deterministic` under mpirun ends with the same bits, and prints the same
 # metrics, on 1 to 4 ranks with 1 or 2 threads each, under forced allreduce algorithms, and
-# when a checkpoint written by P ranks is resumed by Q ranks. The default mode on 3 ranks
+# when a checkpoint written by P ranks is resumed by Q ranks, whether each rank holds all
+# of the data or its block of it. The default mode on 3 ranks
 # does not match 1 rank's bits, which shows the comparison can fail.
 # usage: e2e_deterministic.sh SHARDPROP MAKE_BLOBS CHECKPOINT_TOOL MPIEXEC [MPIEXEC FLAGS...]
 set -euo pipefail
@@ -33,6 +34,15 @@ for np in 1 2 3 4; do
   done
 done
 
+# Every rank holding every row (replicated) gives the bits of each holding its block of the
+# training and test sets (partitioned, the default on more than one rank, as above).
+for np in 2 3; do
+  train "$np" "${common[@]}" --threads 1 --data-placement replicated \
+    --save "$work/replicated$np.h5" --metrics "$work/replicated$np.jsonl" > /dev/null
+  "$python" "$tool" same "$work/ref.h5" "$work/replicated$np.h5"
+  diff <(metrics "$work/ref.jsonl") <(metrics "$work/replicated$np.jsonl")
+done
+
 # Open MPI's allreduce algorithms, forced: blocking collectives (no --collective-timeout) go
 # through coll_tuned, the gradient's nonblocking ones through coll_libnbc. The runs above
 # reduce through node memory (one node); these reduce through MPI.
@@ -57,11 +67,15 @@ taskset -c 0 "$shardprop" predict --checkpoint "$work/ref.h5" --data "$work/test
   --out "$work/one.csv" > /dev/null
 cmp "$work/all.csv" "$work/one.csv"
 
-# A checkpoint from 3 ranks, resumed on 2 and on 4 (and with 2 threads), mid-epoch.
+# A checkpoint from 3 ranks holding their blocks of the data, resumed mid-epoch on 2
+# holding all of it and on 4 holding their blocks (and with 2 threads).
 train 3 "${common[@]}" --checkpoint-dir "$work/ck" --stop-at-step 59 > /dev/null
 for np in 2 4; do
+  placement=partitioned
+  [ "$np" = 2 ] && placement=replicated
   train "$np" --train "$work/train.h5" --resume "$work/ck" --threads 2 --progress never \
-    --save "$work/resumed$np.h5" > "$work/resume$np.txt"
+    --data-placement "$placement" --save "$work/resumed$np.h5" > "$work/resume$np.txt"
+  if [ "$placement" = partitioned ]; then grep -q "on this rank)" "$work/resume$np.txt"; fi
   grep -q "mode       deterministic, chunks of 8 rows" "$work/resume$np.txt"
   "$python" "$tool" same "$work/ref.h5" "$work/resumed$np.h5"
 done

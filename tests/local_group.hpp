@@ -51,8 +51,31 @@ class LocalGroup {
       if (rank_ != root) std::memcpy(data, group_.slots_[std::size_t(root)], bytes);
       group_.barrier_.arrive_and_wait();
     }
+    void alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
+                         std::span<const std::size_t> send_offsets, void* recv,
+                         std::span<const std::size_t> recv_counts,
+                         std::span<const std::size_t> recv_offsets,
+                         std::size_t element) override {
+      const Parts mine{static_cast<const std::byte*>(send), send_counts, send_offsets};
+      group_.slots_[std::size_t(rank_)] = const_cast<Parts*>(&mine);
+      group_.barrier_.arrive_and_wait();
+      for (std::size_t q = 0; q < recv_counts.size(); ++q) {
+        const auto& theirs = *static_cast<const Parts*>(group_.slots_[q]);
+        const auto me = std::size_t(rank_);
+        SP_CHECK(theirs.counts[me] == recv_counts[q], "LocalGroup alltoallv: rank ", q,
+                 " sends ", theirs.counts[me], " elements, rank ", rank_, " expects ",
+                 recv_counts[q]);
+        std::memcpy(static_cast<std::byte*>(recv) + recv_offsets[q] * element,
+                    theirs.data + theirs.offsets[me] * element, recv_counts[q] * element);
+      }
+      group_.barrier_.arrive_and_wait();  // everyone has copied from every sender
+    }
 
    private:
+    struct Parts {
+      const std::byte* data;
+      std::span<const std::size_t> counts, offsets;
+    };
     LocalGroup& group_;
     int rank_;
     std::vector<std::byte> scratch_;  // grows, never shrinks

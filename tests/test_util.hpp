@@ -121,6 +121,27 @@ inline Dataset noisy_classes(std::size_t rows, std::size_t cols, std::size_t cla
   return d;
 }
 
+// Rows of a block of `whole`, as read_dataset reads a rank's block of a file.
+inline Dataset block_of(const Dataset& whole, int rank, int size, std::size_t chunk = 0) {
+  const Range mine = shard_range(whole.rows, rank, size, chunk);
+  Dataset d;
+  d.cols = whole.cols;
+  d.rows = mine.size();
+  d.first = mine.begin;
+  d.total = whole.rows;
+  d.target_cols = whole.target_cols;
+  d.features.assign(whole.features.begin() + std::ptrdiff_t(mine.begin * whole.cols),
+                    whole.features.begin() + std::ptrdiff_t(mine.end * whole.cols));
+  if (whole.has_labels()) {
+    d.labels.assign(whole.labels.begin() + std::ptrdiff_t(mine.begin),
+                    whole.labels.begin() + std::ptrdiff_t(mine.end));
+  } else {
+    d.targets.assign(whole.targets.begin() + std::ptrdiff_t(mine.begin * whole.target_cols),
+                     whole.targets.begin() + std::ptrdiff_t(mine.end * whole.target_cols));
+  }
+  return d;
+}
+
 // A mean gradient and the statistics it came with.
 template <class T>
 struct Gradient {

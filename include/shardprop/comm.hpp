@@ -58,6 +58,26 @@ class Communicator {
   void broadcast(std::span<T> data, int root) {
     broadcast_bytes(data.data(), data.size_bytes(), root);
   }
+  // Every rank sends send[send_offsets[q], + send_counts[q]) to rank q and receives rank q's
+  // part for it into recv[recv_offsets[q], + recv_counts[q]) (counts and offsets in
+  // elements, one entry per rank; each pair of ranks agrees on the count).
+  template <class T>
+  void alltoallv(std::span<const T> send, std::span<const std::size_t> send_counts,
+                 std::span<const std::size_t> send_offsets, std::span<T> recv,
+                 std::span<const std::size_t> recv_counts,
+                 std::span<const std::size_t> recv_offsets) {
+    SP_CHECK(send_counts.size() == std::size_t(size()) && recv_counts.size() == send_counts.size() &&
+                 send_offsets.size() == send_counts.size() &&
+                 recv_offsets.size() == send_counts.size(),
+             "alltoallv: one count and offset per rank");
+    for (std::size_t q = 0; q < send_counts.size(); ++q) {
+      SP_CHECK(send_offsets[q] + send_counts[q] <= send.size() &&
+                   recv_offsets[q] + recv_counts[q] <= recv.size(),
+               "alltoallv: a part lies outside its buffer");
+    }
+    alltoallv_bytes(send.data(), send_counts, send_offsets, recv.data(), recv_counts,
+                    recv_offsets, sizeof(T));
+  }
   // Whether every rank runs on this rank's node (and can share its memory).
   virtual bool single_node() const { return false; }
   // Seconds a collective may wait for the other ranks (0: forever).
@@ -85,6 +105,11 @@ class Communicator {
     allreduce(data, count, type, op);
   }
   virtual void broadcast_bytes(void* data, std::size_t bytes, int root) = 0;
+  // alltoallv of elements of `element` bytes; alone, a copy.
+  virtual void alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
+                               std::span<const std::size_t> send_offsets, void* recv,
+                               std::span<const std::size_t> recv_counts,
+                               std::span<const std::size_t> recv_offsets, std::size_t element);
 
  private:
   const char* phase_what_ = nullptr;
@@ -154,6 +179,10 @@ class MpiComm final : public Communicator {
   void allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op) override;
   void start_allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op) override;
   void broadcast_bytes(void* data, std::size_t bytes, int root) override;
+  void alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
+                       std::span<const std::size_t> send_offsets, void* recv,
+                       std::span<const std::size_t> recv_counts,
+                       std::span<const std::size_t> recv_offsets, std::size_t element) override;
 
  private:
   void release() noexcept;
@@ -165,6 +194,7 @@ class MpiComm final : public Communicator {
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::vector<MPI_Request> pending_;
+  std::vector<int> exchange_;  // alltoallv's counts and displacements, in bytes
   double timeout_s_ = 0;
   int rank_ = 0, size_ = 1, ranks_on_node_ = 1;
 };

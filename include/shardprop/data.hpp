@@ -22,17 +22,33 @@ struct Dataset {
   std::vector<std::int32_t> labels;   // rows, or empty when targets are given
   std::size_t target_cols = 0;
   AlignedVector<float> targets;       // rows × target_cols, or empty when labels are given
+  // A partitioned set holds rows [first, first + rows) of a file of `total` rows (row i of
+  // the vectors above is the file's row first + i); total is 0 when every row is held.
+  std::size_t first = 0;
+  std::size_t total = 0;
 
   bool has_labels() const { return !labels.empty(); }
+  // The rows of the whole data set, held here or not.
+  std::size_t global_rows() const { return total ? total : rows; }
+  bool partitioned() const { return total != 0 && (first != 0 || rows != total); }
   // 1 + the largest label (0 without labels).
   std::size_t label_classes() const;
 };
 
+// Which rows of a file a rank reads: every row, or (partitioned) its block of them,
+// shard_range(N, rank, size, chunk) of the file's N rows.
+struct RowBlock {
+  int rank = 0, size = 1;
+  std::size_t chunk = 0;
+};
+
 // Reads an HDF5 data set: `features` (float, N×D) and `labels` (integer, N) or `targets`
-// (float, N×K). Throws naming the file and dataset on anything missing or malformed,
-// including NaN or Inf features. With need_targets false, a file of features alone is
-// accepted too (for prediction).
-Dataset read_dataset(const std::string& path, bool need_targets = true);
+// (float, N×K), all rows or, given `block`, one rank's block of them (in hyperslabs of a
+// few MB). Throws naming the file, the dataset and the row on anything missing or
+// malformed, including NaN or Inf features. With need_targets false, a file of features
+// alone is accepted too (for prediction).
+Dataset read_dataset(const std::string& path, bool need_targets = true,
+                     std::optional<RowBlock> block = {});
 // Writes `features` (float32) and `labels` (int32) or `targets` (float32).
 void write_dataset(const std::string& path, const Dataset& data);
 
@@ -67,8 +83,9 @@ Dataset read_csv(const std::string& path, std::optional<std::size_t> label_colum
 // Checks that `data` fits `spec`: feature width, label range or target width (if any).
 void check_fits(const Dataset& data, const ModelSpec& spec, const std::string& name);
 
-// Copies the samples `indices` into x (n × D) and their targets into y (n × K): one-hot
-// rows for K ≥ 2 classes, the label itself for K = 1, or the stored target rows.
+// Copies the samples `indices` (rows of the whole data set, which a partitioned one must
+// hold) into x (n × D) and their targets into y (n × K): one-hot rows for K ≥ 2 classes,
+// the label itself for K = 1, or the stored target rows.
 void gather(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
             float* x, float* y);
 

@@ -37,6 +37,7 @@ struct Settings {
   // how this invocation's ranks run
   std::string overlap = "on";
   std::string reduction = "auto";  // auto|node|mpi
+  std::string data_placement = "partitioned";  // partitioned|replicated
   std::string precision = "fp32";  // fp32|bf16
   std::string gemm = "auto";       // auto|onednn|openblas|eigen
   std::uint64_t threads = 0;  // 0: the node's cores divided by the ranks on the node

@@ -18,6 +18,8 @@
 
 namespace shardprop {
 
+class RowExchange;
+
 struct EpochStats {
   std::uint64_t epoch = 0;  // 1-based, as printed
   std::uint64_t epochs = 0;  // of the run
@@ -53,9 +55,12 @@ class TrainObserver {
 
 class Trainer {
  public:
-  // Every rank passes the same settings and training data. Checks that all ranks agree on
-  // the model layout and settings, then takes rank 0's initial parameters.
+  // Every rank passes the same settings and training data: the whole set, or each rank its
+  // block of it (read_dataset with RowBlock{rank, size, 0}), whose rows then travel to the
+  // ranks whose shards need them every step. Checks that all ranks agree on the model
+  // layout and settings, then takes rank 0's initial parameters.
   Trainer(const Settings& settings, Communicator& comm, const Dataset& train);
+  ~Trainer();
 
   // Trains from the current state until the settings' epochs, max_steps or stop_at_step,
   // evaluating `test` (if any) after every epoch. With a checkpointer, writes checkpoints as
@@ -108,6 +113,9 @@ class Trainer {
 
  private:
   [[noreturn]] void diverged(std::uint64_t step, const MinibatchStats& stats) const;
+  // This rank's rows of the global batch `batch` into x and y (collective when the
+  // training set is partitioned).
+  void gather_shard(std::span<const std::uint32_t> batch, float* x, float* y);
   void check_agreement();
   void after_step(bool epoch_ended, TrainObserver& observer, Checkpointer* checkpointer);
   // Whether any rank was asked to stop (collective with several ranks).
@@ -116,6 +124,7 @@ class Trainer {
   Settings settings_;
   Communicator& comm_;
   const Dataset& train_;
+  std::unique_ptr<RowExchange> exchange_;  // when each rank holds a block of the set
   Mlp<float> mlp_;
   std::unique_ptr<GradReducer<float>> reducer_;
   AlignedVector<float> own_params_;  // unless the reducer's shared storage holds them

@@ -1,0 +1,108 @@
+#include "exchange.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "shardprop/error.hpp"
+
+namespace shardprop {
+
+RowExchange::RowExchange(Communicator& comm, const Dataset& data, std::size_t k,
+                         std::size_t block_chunk, std::size_t chunk)
+    : comm_(comm),
+      data_(data),
+      k_(k),
+      chunk_(chunk),
+      width_(data.cols + (data.has_labels() ? 1 : data.target_cols)) {
+  const auto p = std::size_t(comm.size());
+  const std::size_t n = data.global_rows();
+  for (int r = 0; r <= comm.size(); ++r) {
+    starts_.push_back(r < comm.size() ? shard_range(n, r, comm.size(), block_chunk).begin : n);
+  }
+  const Range mine = shard_range(n, comm.rank(), comm.size(), block_chunk);
+  SP_CHECK(mine.begin == data.first && mine.size() == data.rows, "this rank holds rows [",
+           data.first, ", ", data.first + data.rows, ") of ", n, ", but its block is [",
+           mine.begin, ", ", mine.end, ")");
+  for (auto* v : {&send_counts_, &send_offsets_, &recv_counts_, &recv_offsets_, &cursor_}) {
+    v->assign(p, 0);
+  }
+}
+
+int RowExchange::owner(std::uint32_t row) const {
+  SP_CHECK(row < starts_.back(), "row ", row, " is outside the data set's ", starts_.back(),
+           " rows");
+  // The last rank whose block starts at or before the row (empty blocks start where the
+  // next one does, so upper_bound skips them).
+  const auto after = std::upper_bound(starts_.begin(), starts_.end() - 1, std::size_t(row));
+  return int(after - starts_.begin()) - 1;
+}
+
+void RowExchange::gather(std::span<const std::uint32_t> batch, float* x, float* y) {
+  const int p = comm_.size(), me = comm_.rank();
+  // What every rank needs from this one, in the order of its shard.
+  std::size_t sent = 0;
+  for (int q = 0; q < p; ++q) {
+    const Range shard = shard_range(batch.size(), q, p, chunk_);
+    send_offsets_[std::size_t(q)] = sent;
+    for (std::size_t j = shard.begin; j < shard.end; ++j) {
+      if (owner(batch[j]) == me) sent += width_;
+    }
+    send_counts_[std::size_t(q)] = sent - send_offsets_[std::size_t(q)];
+  }
+  if (send_.size() < sent) send_.resize(sent);
+  float* out = send_.data();
+  for (int q = 0; q < p; ++q) {
+    const Range shard = shard_range(batch.size(), q, p, chunk_);
+    for (std::size_t j = shard.begin; j < shard.end; ++j) {
+      if (owner(batch[j]) != me) continue;
+      const std::size_t row = batch[j] - data_.first;
+      std::copy_n(data_.features.data() + row * data_.cols, data_.cols, out);
+      if (data_.has_labels()) {
+        std::memcpy(out + data_.cols, &data_.labels[row], sizeof(float));
+      } else {
+        std::copy_n(data_.targets.data() + row * data_.target_cols, data_.target_cols,
+                    out + data_.cols);
+      }
+      out += width_;
+    }
+  }
+  // What this rank needs from every other, by owner.
+  const Range shard = shard_range(batch.size(), me, p, chunk_);
+  std::fill(recv_counts_.begin(), recv_counts_.end(), 0);
+  for (std::size_t j = shard.begin; j < shard.end; ++j) {
+    recv_counts_[std::size_t(owner(batch[j]))] += width_;
+  }
+  std::size_t received = 0;
+  for (std::size_t q = 0; q < std::size_t(p); ++q) {
+    recv_offsets_[q] = received;
+    cursor_[q] = received;
+    received += recv_counts_[q];
+  }
+  if (recv_.size() < received) recv_.resize(received);
+  comm_.alltoallv(std::span<const float>(send_.data(), sent), std::span(send_counts_),
+                  std::span(send_offsets_), std::span<float>(recv_.data(), received),
+                  std::span(recv_counts_), std::span(recv_offsets_));
+  // Each owner's rows arrive in the order of this shard: take them in turn.
+  for (std::size_t j = shard.begin; j < shard.end; ++j) {
+    const auto q = std::size_t(owner(batch[j]));
+    const float* row = recv_.data() + cursor_[q];
+    cursor_[q] += width_;
+    const std::size_t i = j - shard.begin;
+    std::copy_n(row, data_.cols, x + i * data_.cols);
+    float* target = y + i * k_;
+    if (!data_.has_labels()) {
+      std::copy_n(row + data_.cols, k_, target);
+      continue;
+    }
+    std::int32_t label = 0;
+    std::memcpy(&label, row + data_.cols, sizeof label);
+    if (k_ == 1) {
+      target[0] = float(label);
+    } else {
+      std::fill_n(target, k_, 0.0f);
+      target[label] = 1.0f;
+    }
+  }
+}
+
+}  // namespace shardprop

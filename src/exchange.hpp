@@ -1,0 +1,42 @@
+// The rows of each step's minibatch, when every rank holds only its block of the training
+// set (--data-placement partitioned). Every rank knows the global batch and how it is
+// sharded, so each knows without asking which of its rows every other rank needs and which
+// rows it needs from whom: one all-to-all per step moves them. The rows a rank receives
+// are byte for byte those it would have copied from a whole copy of the set.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "shardprop/comm.hpp"
+#include "shardprop/data.hpp"
+#include "shardprop/params.hpp"
+
+namespace shardprop {
+
+class RowExchange {
+ public:
+  // `data` is this rank's block (data.first, data.rows) of a set of data.global_rows() rows,
+  // the blocks of the ranks being shard_range(N, r, P, block_chunk) for r in [0, P).
+  // `k` is the model's output width, `chunk` the rows per chunk of the trainer's sharding.
+  RowExchange(Communicator& comm, const Dataset& data, std::size_t k, std::size_t block_chunk,
+              std::size_t chunk);
+
+  // Collective: every rank passes the same global batch (indices of the whole set). Writes
+  // this rank's shard of it (shard_range(batch.size(), rank, P, chunk)) as gather() would:
+  // x (rows × D) and y (rows × k).
+  void gather(std::span<const std::uint32_t> batch, float* x, float* y);
+
+ private:
+  int owner(std::uint32_t row) const;
+
+  Communicator& comm_;
+  const Dataset& data_;
+  std::size_t k_, chunk_, width_;
+  std::vector<std::size_t> starts_;  // rank r holds [starts_[r], starts_[r + 1])
+  std::vector<std::size_t> send_counts_, send_offsets_, recv_counts_, recv_offsets_, cursor_;
+  AlignedVector<float> send_, recv_;  // rows of width_ values: features, then the target
+};
+
+}  // namespace shardprop

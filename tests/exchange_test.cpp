@@ -1,0 +1,81 @@
+#include "exchange.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <vector>
+
+#include "local_group.hpp"
+#include "test_util.hpp"
+
+namespace shardprop {
+namespace {
+
+bool same_bytes(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Every step of two epochs, on 1, 2, 3 and 5 in-process ranks, with batches that do not
+// divide the set or the ranks, split by rows and by chunks: each rank's minibatch input and
+// targets from the exchange are byte for byte what gather() copies from the whole set.
+void expect_exchange_matches_gather(const Dataset& whole, std::size_t k) {
+  for (int size : {1, 2, 3, 5}) {
+    for (std::size_t chunk : {std::size_t(0), std::size_t(4)}) {
+      const std::size_t batch = 37;
+      std::size_t steps = 0, mismatches = 0;
+      testing::run_ranks(size, [&](Communicator& comm) {
+        const Dataset mine = testing::block_of(whole, comm.rank(), size);
+        RowExchange exchange(comm, mine, k, 0, chunk);
+        std::vector<std::uint32_t> order;
+        for (std::uint64_t epoch = 0; epoch < 2; ++epoch) {
+          epoch_permutation(whole.rows, 3, epoch, order);
+          for (std::size_t begin = 0; begin < whole.rows; begin += batch) {
+            const auto global = std::span<const std::uint32_t>(order).subspan(
+                begin, std::min(whole.rows, begin + batch) - begin);
+            const Range shard = shard_range(global.size(), comm.rank(), size, chunk);
+            std::vector<float> x(shard.size() * whole.cols + 1, -1.0f), y(shard.size() * k + 1, -1.0f);
+            std::vector<float> x_ref(x.size(), -1.0f), y_ref(y.size(), -1.0f);
+            exchange.gather(global, x.data(), y.data());
+            gather(whole, global.subspan(shard.begin, shard.size()), k, x_ref.data(),
+                   y_ref.data());
+            if (comm.rank() == 0) ++steps;
+            if (!same_bytes(x, x_ref) || !same_bytes(y, y_ref)) {
+              ADD_FAILURE() << size << " ranks, chunk " << chunk << ", epoch " << epoch
+                            << ", batch at " << begin << ", rank " << comm.rank();
+              if (comm.rank() == 0) ++mismatches;
+            }
+          }
+        }
+      });
+      EXPECT_EQ(steps, 2 * ((whole.rows + batch - 1) / batch));
+      EXPECT_EQ(mismatches, 0u);
+    }
+  }
+}
+
+TEST(RowExchange, MinibatchesAreByteIdenticalToTheWholeSetsForLabels) {
+  expect_exchange_matches_gather(testing::noisy_classes(203, 9, 6, 1.0), 6);
+}
+
+TEST(RowExchange, MinibatchesAreByteIdenticalForOneOutputAndForTargets) {
+  Dataset binary = testing::noisy_classes(150, 5, 2, 1.0);
+  expect_exchange_matches_gather(binary, 1);
+  Dataset regression = testing::noisy_classes(150, 5, 3, 1.0);
+  regression.target_cols = 3;
+  for (std::size_t r = 0; r < regression.rows; ++r) {
+    for (std::size_t c = 0; c < 3; ++c) regression.targets.push_back(float(r) * 0.5f - float(c));
+  }
+  regression.labels.clear();
+  expect_exchange_matches_gather(regression, 3);
+}
+
+TEST(RowExchange, RefusesABlockThatIsNotTheRanks) {
+  const Dataset whole = testing::noisy_classes(40, 3, 2, 1.0);
+  testing::run_ranks(2, [&](Communicator& comm) {
+    const Dataset wrong = testing::block_of(whole, 1 - comm.rank(), 2);
+    testing::expect_error([&] { RowExchange(comm, wrong, 2, 0, 0); }, "but its block is");
+  });
+}
+
+}  // namespace
+}  // namespace shardprop
