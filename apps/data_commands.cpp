@@ -127,7 +127,11 @@ int describe(const std::string& path) {
     print_predictions(path, read_predictions(path));
     return 0;
   }
-  print_data(path, read_dataset(path, false));
+  // The shape and labels without reading the features, and how they are stored.
+  print_data(path, read_dataset_streamed(path, false));
+  const DataLayout layout = data_layout(path);
+  std::printf("  stored     features %s, file %.1f MB\n", layout.features.c_str(),
+              double(layout.file_bytes) / 1e6);
   return 0;
 }
 

@@ -76,13 +76,15 @@ int run_train(const Settings& cli, const GivenFlags& given, MpiComm& comm) {
     SP_CHECK_USAGE(!s.train.empty(), "--train is required");
     const ModelSpec spec = parse_model(s.layers, s.loss);
     // Partitioned: each rank reads its block of the training set (any split serves: the
-    // rows travel) and of the test set (the rows it evaluates).
-    const bool partitioned = s.data_placement == "partitioned" && comm.size() > 1;
+    // rows travel) and of the test set (the rows it evaluates). Streamed: the training
+    // set's features stay in the file; the test set is read as partitioned.
+    const bool replicated = s.data_placement == "replicated" || comm.size() == 1;
     const auto block = [&](std::size_t chunk) {
-      return partitioned ? std::optional<RowBlock>(RowBlock{comm.rank(), comm.size(), chunk})
-                         : std::nullopt;
+      return replicated ? std::nullopt
+                        : std::optional<RowBlock>(RowBlock{comm.rank(), comm.size(), chunk});
     };
-    train = read_dataset(s.train, true, block(0));
+    train = s.data_placement == "streamed" ? read_dataset_streamed(s.train)
+                                           : read_dataset(s.train, true, block(0));
     check_fits(train, spec, s.train);
     if (const auto& c = checkpointer.resumed()) {
       SP_CHECK(train.global_rows() == c->train_rows && train.cols == c->train_cols, s.train,

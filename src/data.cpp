@@ -6,8 +6,10 @@
 #include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <memory>
+#include <new>
 #include <numeric>
 
 #include "shardprop/error.hpp"
@@ -35,9 +37,14 @@ void check_finite(const AlignedVector<float>& values, std::size_t cols, std::siz
 
 }  // namespace
 
-Dataset read_dataset(const std::string& path, bool need_targets, std::optional<RowBlock> block) {
+namespace {
+
+Dataset read_data(const std::string& path, bool need_targets, std::optional<RowBlock> block,
+                  bool features_too) {
   h5::Handle file = h5::open_file(path);
   Dataset data;
+  data.source = path;
+  data.streamed = !features_too;
   {
     h5::Handle features = h5::open_dataset(file.get(), "features", path);
     const std::string what = path + ": dataset 'features'";
@@ -57,10 +64,18 @@ Dataset read_dataset(const std::string& path, bool need_targets, std::optional<R
       data.rows = n;
     }
     data.cols = info.dims[1];
-    data.features.resize(data.rows * data.cols);
-    h5::read_rows(features.get(), H5T_NATIVE_FLOAT, info.dims, data.first, data.rows,
-                  data.features.data(), "reading " + what);
-    check_finite(data.features, data.cols, data.first, what);
+    if (features_too) {
+      try {
+        data.features.resize(data.rows * data.cols);
+      } catch (const std::bad_alloc&) {
+        SP_THROW(what, ": not enough memory for its ", data.rows, " × ", data.cols,
+                 " features (", data.rows * data.cols * sizeof(float) >> 20,
+                 " MB); --data-placement streamed reads them as needed");
+      }
+      h5::read_rows(features.get(), H5T_NATIVE_FLOAT, info.dims, data.first, data.rows,
+                    data.features.data(), "reading " + what);
+      check_finite(data.features, data.cols, data.first, what);
+    }
   }
   const std::size_t n = data.global_rows();
   const bool has_labels = h5::has_link(file.get(), "labels");
@@ -97,6 +112,36 @@ Dataset read_dataset(const std::string& path, bool need_targets, std::optional<R
     check_finite(data.targets, data.target_cols, data.first, what);
   }
   return data;
+}
+
+}  // namespace
+
+Dataset read_dataset(const std::string& path, bool need_targets, std::optional<RowBlock> block) {
+  return read_data(path, need_targets, block, true);
+}
+
+Dataset read_dataset_streamed(const std::string& path, bool need_targets) {
+  return read_data(path, need_targets, std::nullopt, false);
+}
+
+DataLayout data_layout(const std::string& path) {
+  h5::Handle file = h5::open_file(path);
+  h5::Handle features = h5::open_dataset(file.get(), "features", path);
+  const std::vector<hsize_t> chunk = h5::chunk_dims(features.get(), path + ": dataset 'features'");
+  DataLayout layout;
+  if (chunk.empty()) {
+    layout.features = "contiguous (row after row)";
+  } else if (chunk.size() == 2 && chunk[1] ==
+             h5::dataset_info(features.get(), path + ": dataset 'features'").dims[1]) {
+    layout.features = detail::concat("in chunks of ", chunk[0], chunk[0] == 1 ? " row" : " rows");
+  } else {
+    layout.features = "in chunks of " + std::to_string(chunk[0]) + " x " +
+                      std::to_string(chunk.size() > 1 ? chunk[1] : 1);
+  }
+  std::error_code error;
+  layout.file_bytes = std::filesystem::file_size(path, error);
+  SP_CHECK(!error, path, ": ", error.message());
+  return layout;
 }
 
 void write_dataset(const std::string& path, const Dataset& data) {
@@ -337,6 +382,7 @@ void check_fits(const Dataset& data, const ModelSpec& spec, const std::string& n
 
 void gather(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
             float* x, float* y) {
+  SP_CHECK(!data.streamed, data.source, ": a streamed data set holds no rows to copy");
   for (std::size_t i = 0; i < indices.size(); ++i) {
     const std::size_t row = indices[i] - data.first;
     SP_CHECK(indices[i] >= data.first && row < data.rows, "row ", indices[i],

@@ -8,7 +8,7 @@
 namespace shardprop {
 
 RowExchange::RowExchange(Communicator& comm, const Dataset& data, std::size_t k,
-                         std::size_t block_chunk, std::size_t chunk)
+                         std::size_t chunk)
     : comm_(comm),
       data_(data),
       k_(k),
@@ -17,9 +17,9 @@ RowExchange::RowExchange(Communicator& comm, const Dataset& data, std::size_t k,
   const auto p = std::size_t(comm.size());
   const std::size_t n = data.global_rows();
   for (int r = 0; r <= comm.size(); ++r) {
-    starts_.push_back(r < comm.size() ? shard_range(n, r, comm.size(), block_chunk).begin : n);
+    starts_.push_back(r < comm.size() ? shard_range(n, r, comm.size()).begin : n);
   }
-  const Range mine = shard_range(n, comm.rank(), comm.size(), block_chunk);
+  const Range mine = shard_range(n, comm.rank(), comm.size());
   SP_CHECK(mine.begin == data.first && mine.size() == data.rows, "this rank holds rows [",
            data.first, ", ", data.first + data.rows, ") of ", n, ", but its block is [",
            mine.begin, ", ", mine.end, ")");
@@ -28,17 +28,19 @@ RowExchange::RowExchange(Communicator& comm, const Dataset& data, std::size_t k,
   }
 }
 
-int RowExchange::owner(std::uint32_t row) const {
-  SP_CHECK(row < starts_.back(), "row ", row, " is outside the data set's ", starts_.back(),
-           " rows");
-  // The last rank whose block starts at or before the row (empty blocks start where the
-  // next one does, so upper_bound skips them).
-  const auto after = std::upper_bound(starts_.begin(), starts_.end() - 1, std::size_t(row));
-  return int(after - starts_.begin()) - 1;
+std::size_t RowExchange::owner(std::uint32_t row) const {
+  const std::size_t n = starts_.back(), p = starts_.size() - 1;
+  SP_CHECK(row < n, "row ", row, " is outside the data set's ", n, " rows");
+  // Block r is [⌊n·r/p⌋, ⌊n·(r+1)/p⌋), so ⌊row·p/n⌋ is the owner or before it (by one
+  // unless blocks are empty).
+  std::size_t r = std::size_t(row) * p / n;
+  while (row >= starts_[r + 1]) ++r;
+  return r;
 }
 
 void RowExchange::gather(std::span<const std::uint32_t> batch, float* x, float* y) {
-  const int p = comm_.size(), me = comm_.rank();
+  const int p = comm_.size();
+  const auto me = std::size_t(comm_.rank());
   // What every rank needs from this one, in the order of its shard.
   std::size_t sent = 0;
   for (int q = 0; q < p; ++q) {
@@ -67,10 +69,10 @@ void RowExchange::gather(std::span<const std::uint32_t> batch, float* x, float* 
     }
   }
   // What this rank needs from every other, by owner.
-  const Range shard = shard_range(batch.size(), me, p, chunk_);
+  const Range shard = shard_range(batch.size(), int(me), p, chunk_);
   std::fill(recv_counts_.begin(), recv_counts_.end(), 0);
   for (std::size_t j = shard.begin; j < shard.end; ++j) {
-    recv_counts_[std::size_t(owner(batch[j]))] += width_;
+    recv_counts_[owner(batch[j])] += width_;
   }
   std::size_t received = 0;
   for (std::size_t q = 0; q < std::size_t(p); ++q) {
@@ -84,7 +86,7 @@ void RowExchange::gather(std::span<const std::uint32_t> batch, float* x, float* 
                   std::span(recv_counts_), std::span(recv_offsets_));
   // Each owner's rows arrive in the order of this shard: take them in turn.
   for (std::size_t j = shard.begin; j < shard.end; ++j) {
-    const auto q = std::size_t(owner(batch[j]));
+    const std::size_t q = owner(batch[j]);
     const float* row = recv_.data() + cursor_[q];
     cursor_[q] += width_;
     const std::size_t i = j - shard.begin;

@@ -18,10 +18,9 @@ namespace shardprop {
 class RowExchange {
  public:
   // `data` is this rank's block (data.first, data.rows) of a set of data.global_rows() rows,
-  // the blocks of the ranks being shard_range(N, r, P, block_chunk) for r in [0, P).
-  // `k` is the model's output width, `chunk` the rows per chunk of the trainer's sharding.
-  RowExchange(Communicator& comm, const Dataset& data, std::size_t k, std::size_t block_chunk,
-              std::size_t chunk);
+  // the blocks of the ranks being shard_range(N, r, P) for r in [0, P). `k` is the model's
+  // output width, `chunk` the rows per chunk of the trainer's sharding.
+  RowExchange(Communicator& comm, const Dataset& data, std::size_t k, std::size_t chunk);
 
   // Collective: every rank passes the same global batch (indices of the whole set). Writes
   // this rank's shard of it (shard_range(batch.size(), rank, P, chunk)) as gather() would:
@@ -29,7 +28,8 @@ class RowExchange {
   void gather(std::span<const std::uint32_t> batch, float* x, float* y);
 
  private:
-  int owner(std::uint32_t row) const;
+  // The rank whose block holds `row`.
+  std::size_t owner(std::uint32_t row) const;
 
   Communicator& comm_;
   const Dataset& data_;

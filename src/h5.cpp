@@ -111,6 +111,57 @@ Handle open_dataset(hid_t file, const std::string& name, const std::string& file
                 file_name + ": opening dataset '" + name + "'");
 }
 
+Handle open_dataset(hid_t file, const std::string& name, const std::string& file_name,
+                    std::size_t cache_bytes) {
+  SP_CHECK(has_path(file, name), file_name, ": no dataset '", name, "'");
+  const std::string what = file_name + ": opening dataset '" + name + "'";
+  Handle access(H5Pcreate(H5P_DATASET_ACCESS), H5Pclose, what);
+  // A prime number of slots, many per cached chunk, as the HDF5 manual advises.
+  check(H5Pset_chunk_cache(access.get(), 521, cache_bytes, 1.0), what + ": chunk cache");
+  return Handle(H5Dopen2(file, name.c_str(), access.get()), H5Dclose, what);
+}
+
+std::vector<hsize_t> chunk_dims(hid_t dataset, const std::string& what) {
+  Handle create(H5Dget_create_plist(dataset), H5Pclose, what + ": H5Dget_create_plist");
+  const H5D_layout_t layout = H5Pget_layout(create.get());
+  SP_CHECK(layout >= 0, what, ": reading the layout failed");
+  if (layout != H5D_CHUNKED) return {};
+  hsize_t dims[8];
+  const int rank = H5Pget_chunk(create.get(), 8, dims);
+  SP_CHECK(rank > 0, what, ": reading the chunk shape failed");
+  return std::vector<hsize_t>(dims, dims + rank);
+}
+
+bool raw_chunks_are(hid_t dataset, hid_t mem_type, const std::string& what) {
+  Handle create(H5Dget_create_plist(dataset), H5Pclose, what + ": H5Dget_create_plist");
+  if (H5Pget_layout(create.get()) != H5D_CHUNKED) return false;
+  const int filters = H5Pget_nfilters(create.get());
+  SP_CHECK(filters >= 0, what, ": reading the filters failed");
+  Handle type(H5Dget_type(dataset), H5Tclose, what + ": reading the type");
+  const htri_t same = H5Tequal(type.get(), mem_type);
+  SP_CHECK(same >= 0, what, ": comparing types failed");
+  return filters == 0 && same > 0;
+}
+
+std::optional<std::uint64_t> raw_offset(hid_t dataset, hid_t mem_type,
+                                        const std::string& what) {
+  Handle create(H5Dget_create_plist(dataset), H5Pclose, what + ": H5Dget_create_plist");
+  if (H5Pget_layout(create.get()) != H5D_CONTIGUOUS) return std::nullopt;
+  Handle type(H5Dget_type(dataset), H5Tclose, what + ": reading the type");
+  const htri_t same = H5Tequal(type.get(), mem_type);
+  SP_CHECK(same >= 0, what, ": comparing types failed");
+  const haddr_t offset = H5Dget_offset(dataset);
+  if (same <= 0 || offset == HADDR_UNDEF) return std::nullopt;
+  return std::uint64_t(offset);
+}
+
+void read_chunk(hid_t dataset, const std::vector<hsize_t>& offset, void* out,
+                const std::string& what) {
+  std::uint32_t filters = 0;
+  check(H5Dread_chunk(dataset, H5P_DEFAULT, offset.data(), &filters, out),
+        detail::concat(what, ": reading the chunk at row ", offset[0]));
+}
+
 Handle create_group(hid_t where, const std::string& name) {
   return Handle(H5Gcreate2(where, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
                 H5Gclose, "creating group " + name);
@@ -165,12 +216,42 @@ void read_rows(hid_t dataset, hid_t mem_type, const std::vector<hsize_t>& dims, 
   }
 }
 
+void read_rows_at(hid_t dataset, hid_t mem_type, const std::vector<hsize_t>& dims,
+                  std::span<const hsize_t> rows, void* out, const std::string& what) {
+  SP_CHECK(dims.size() == 2, what, ": not a 2-D dataset");
+  if (rows.empty()) return;
+  Handle file_space(H5Dget_space(dataset), H5Sclose, what + ": H5Dget_space");
+  check(H5Sselect_none(file_space.get()), what + ": selecting rows");
+  // Runs of consecutive rows, each one hyperslab of the union.
+  for (std::size_t i = 0; i < rows.size();) {
+    std::size_t j = i + 1;
+    while (j < rows.size() && rows[j] == rows[j - 1] + 1) ++j;
+    SP_CHECK(rows[j - 1] < dims[0] && (i == 0 || rows[i] > rows[i - 1]), what, ": row ",
+             rows[j - 1], " is outside its ", dims[0], " rows or out of order");
+    const hsize_t start[2] = {rows[i], 0}, size[2] = {hsize_t(j - i), dims[1]};
+    check(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_OR, start, nullptr, size, nullptr),
+          what + ": selecting rows");
+    i = j;
+  }
+  const hsize_t shape[2] = {hsize_t(rows.size()), dims[1]};
+  Handle memory(H5Screate_simple(2, shape, nullptr), H5Sclose, what + ": H5Screate_simple");
+  check(H5Dread(dataset, mem_type, memory.get(), file_space.get(), H5P_DEFAULT, out),
+        detail::concat(what, ": reading ", rows.size(), " rows from row ", rows.front()));
+}
+
 void write_dataset(hid_t where, const std::string& name, hid_t file_type, hid_t mem_type,
-                   const std::vector<hsize_t>& dims, const void* data) {
+                   const std::vector<hsize_t>& dims, const void* data, hsize_t chunk_rows) {
   Handle space(H5Screate_simple(int(dims.size()), dims.data(), nullptr), H5Sclose,
                "creating the dataspace of '" + name + "'");
+  Handle create(H5Pcreate(H5P_DATASET_CREATE), H5Pclose, "creating dataset '" + name + "'");
+  if (chunk_rows > 0 && dims[0] > 0) {
+    std::vector<hsize_t> chunk = dims;
+    chunk[0] = std::min(chunk_rows, dims[0]);
+    check(H5Pset_chunk(create.get(), int(chunk.size()), chunk.data()),
+          "setting the chunks of dataset '" + name + "'");
+  }
   Handle dataset(H5Dcreate2(where, name.c_str(), file_type, space.get(), H5P_DEFAULT,
-                            H5P_DEFAULT, H5P_DEFAULT),
+                            create.get(), H5P_DEFAULT),
                  H5Dclose, "creating dataset '" + name + "'");
   check(H5Dwrite(dataset.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data),
         "writing dataset '" + name + "'");

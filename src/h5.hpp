@@ -5,6 +5,7 @@
 #include <hdf5.h>
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <utility>
@@ -57,6 +58,20 @@ bool has_link(hid_t where, const std::string& name);
 // Whether every link on the way to `name` ("a/b/c") exists.
 bool has_path(hid_t file, const std::string& name);
 Handle open_dataset(hid_t file, const std::string& name, const std::string& file_name);
+// The same with a chunk cache of `cache_bytes` (for row reads that come back to a chunk).
+Handle open_dataset(hid_t file, const std::string& name, const std::string& file_name,
+                    std::size_t cache_bytes);
+// The chunk dimensions of a chunked dataset; empty for another layout.
+std::vector<hsize_t> chunk_dims(hid_t dataset, const std::string& what);
+// Whether a dataset's chunks hold its values as `mem_type` does, unfiltered (uncompressed):
+// then read_chunk returns them as they are.
+bool raw_chunks_are(hid_t dataset, hid_t mem_type, const std::string& what);
+// The file offset of a contiguous dataset's values, if they are stored as `mem_type` holds
+// them (then a row can be read from the file directly); nullopt otherwise.
+std::optional<std::uint64_t> raw_offset(hid_t dataset, hid_t mem_type, const std::string& what);
+// Reads the chunk whose first element is at `offset` as stored (H5Dread_chunk) into `out`.
+void read_chunk(hid_t dataset, const std::vector<hsize_t>& offset, void* out,
+                const std::string& what);
 Handle create_group(hid_t where, const std::string& name);
 Handle open_group(hid_t file, const std::string& name, const std::string& path);
 
@@ -74,9 +89,14 @@ void read_all(hid_t dataset, hid_t mem_type, void* out, const std::string& what)
 // time: never the whole dataset at once.
 void read_rows(hid_t dataset, hid_t mem_type, const std::vector<hsize_t>& dims, hsize_t first,
                hsize_t count, void* out, const std::string& what);
-// Writes a new dataset of file type `file_type` with the given dimensions from `data`.
+// Reads the rows `rows` (ascending, distinct) of a 2-D dataset of `dims` into `out`, one
+// after another, in one read of their union.
+void read_rows_at(hid_t dataset, hid_t mem_type, const std::vector<hsize_t>& dims,
+                  std::span<const hsize_t> rows, void* out, const std::string& what);
+// Writes a new dataset of file type `file_type` with the given dimensions from `data`;
+// with chunk_rows > 0, in chunks of that many whole rows.
 void write_dataset(hid_t where, const std::string& name, hid_t file_type, hid_t mem_type,
-                   const std::vector<hsize_t>& dims, const void* data);
+                   const std::vector<hsize_t>& dims, const void* data, hsize_t chunk_rows = 0);
 
 // Scalar attributes.
 void write_attr(hid_t where, const char* name, const std::string& value);

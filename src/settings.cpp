@@ -71,8 +71,12 @@ const SettingSpec kTable[] = {
    R::invocation, nullptr, 0, "auto|node|mpi", kNone, false, kInf, false},
   {"--data-placement", &Settings::data_placement, "partitioned: each rank reads only its "
    "block of the training and test sets (HDF5), and each step's rows travel to the ranks "
-   "that need them (the same sample order and bits); replicated: every rank holds every row",
-   R::invocation, nullptr, 0, "partitioned|replicated", kNone, false, kInf, false},
+   "that need them; replicated: every rank holds every row; streamed: the training set "
+   "stays in its file, each step's rows read as needed (for data larger than memory). The "
+   "same sample order and bits either way",
+   R::invocation, nullptr, 0, "partitioned|replicated|streamed", kNone, false, kInf, false},
+  {"--read-cache", &Settings::read_cache, "MB of HDF5 chunk cache for --data-placement "
+   "streamed", R::invocation, nullptr, 0, nullptr, 0, false, kInf, false},
   {"--precision", &Settings::precision, "fp32, or bf16: products on bfloat16 operands with "
    "float32 sums (needs AVX512_BF16; weights, gradients and checkpoints stay float32)",
    R::restored, "/train/precision", v4, "fp32|bf16", kNone, false, kInf, false},

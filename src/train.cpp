@@ -11,6 +11,7 @@
 #include <oneapi/tbb/task_arena.h>
 
 #include "exchange.hpp"
+#include "stream.hpp"
 #include "shardprop/error.hpp"
 #include "shardprop/rng.hpp"
 #include "shardprop/stop.hpp"
@@ -118,8 +119,12 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
     SP_CHECK_USAGE(train_.rows > 0, "the training set's ", train_.global_rows(),
                    " samples are fewer than the ", comm_.size(),
                    " ranks: use --data-placement replicated");
-    exchange_ = std::make_unique<RowExchange>(comm_, train_, spec().output_width(), 0,
-                                              mlp_.chunk());
+    exchange_ = std::make_unique<RowExchange>(comm_, train_, spec().output_width(), mlp_.chunk());
+  }
+  if (train_.streamed) {
+    stream_ = std::make_unique<RowStream>(train_, settings_.read_cache << 20);
+    // HDF5 built without thread safety reads in the step instead.
+    if (hdf5_threadsafe()) reader_ = std::make_unique<BackgroundTask>();
   }
   if (params_.empty()) {
     own_params_.assign(mlp_.layout().size(), 0.0f);
@@ -149,7 +154,9 @@ Trainer::~Trainer() = default;
 void Trainer::gather_shard(std::span<const std::uint32_t> batch, float* x, float* y) {
   if (exchange_) return exchange_->gather(batch, x, y);
   const Range shard = shard_range(batch.size(), comm_.rank(), comm_.size(), mlp_.chunk());
-  gather(train_, batch.subspan(shard.begin, shard.size()), spec().output_width(), x, y);
+  const auto mine = batch.subspan(shard.begin, shard.size());
+  if (stream_) return stream_->gather(mine, spec().output_width(), x, y);
+  gather(train_, mine, spec().output_width(), x, y);
 }
 
 void Trainer::check_agreement() {
@@ -221,6 +228,15 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
                      prefetched_.size() == global_batch.size() && !global_batch.empty();
   if (!ready) gather_shard(global_batch, x_[now].data(), y_[now].data());
   const auto prefetch = [&] { gather_shard(next_batch, x_[1 - now].data(), y_[1 - now].data()); };
+  // Streamed: the next step's rows are read while this one computes, and waited for where
+  // the others gather them.
+  const bool in_background = reader_ && !next_batch.empty();
+  if (in_background) {
+    reader_->start([this, next_batch, next = 1 - now] {
+      gather_shard(next_batch, x_[next].data(), y_[next].data());
+    });
+  }
+  const auto wait_for_reader = [&] { reader_->wait(); };
   prefetched_ = {};
   // Every collective from here until the next step (the checkpoint of this step included)
   // names the step if it fails.
@@ -230,7 +246,9 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
   mlp_.forward_backward(params_, ConstMatrixView<float>(x_[now].data(), rows, Eigen::Index(train_.cols)),
                         ConstMatrixView<float>(y_[now].data(), rows, Eigen::Index(k)), *reducer_);
   optimizer_.set_lr(learning_rate(state_.step));
-  const Callback before_wait = next_batch.empty() ? Callback() : Callback(prefetch);
+  const Callback before_wait = next_batch.empty() ? Callback()
+                               : in_background    ? Callback(wait_for_reader)
+                                                  : Callback(prefetch);
   const std::uint64_t step = state_.step + 1;
   const auto check = [&](const MinibatchStats& stats) {
     if (!next_batch.empty()) {

@@ -57,6 +57,14 @@ check_info() {
   grep -q -- "$expected" info.txt || fail "info $file: '$expected' not in: $(cat info.txt)"
 }
 check_info train.h5 "train.h5: data set, 2,000 samples x 10 features, labels 0..3 (4 classes)"
+check_info train.h5 "stored     features contiguous (row after row), file 0.1 MB"
+/usr/bin/python3 -c "
+import h5py
+with h5py.File('train.h5') as f, h5py.File('chunked.h5', 'w') as out:
+    out.create_dataset('features', data=f['features'][:], chunks=(50, 10))
+    out['labels'] = f['labels'][:]
+"
+check_info chunked.h5 "stored     features in chunks of 50 rows"
 check_info unlabeled.h5 "no labels or targets"
 check_info unlabeled.csv "unlabeled.csv: data set, 120 samples x 10 features"
 check_info p.h5 "p.h5: predictions of 500 samples, 4 outputs each"

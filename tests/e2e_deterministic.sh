@@ -2,7 +2,7 @@
 # End to end: `train --deterministic` under mpirun ends with the same bits, and prints the same
 # metrics, on 1 to 4 ranks with 1 or 2 threads each, under forced allreduce algorithms, and
 # when a checkpoint written by P ranks is resumed by Q ranks, whether each rank holds all
-# of the data or its block of it. The default mode on 3 ranks
+# of the data, its block of it or streams it from the file. The default mode on 3 ranks
 # does not match 1 rank's bits, which shows the comparison can fail.
 # usage: e2e_deterministic.sh SHARDPROP MAKE_BLOBS CHECKPOINT_TOOL MPIEXEC [MPIEXEC FLAGS...]
 set -euo pipefail
@@ -34,13 +34,16 @@ for np in 1 2 3 4; do
   done
 done
 
-# Every rank holding every row (replicated) gives the bits of each holding its block of the
-# training and test sets (partitioned, the default on more than one rank, as above).
-for np in 2 3; do
-  train "$np" "${common[@]}" --threads 1 --data-placement replicated \
-    --save "$work/replicated$np.h5" --metrics "$work/replicated$np.jsonl" > /dev/null
-  "$python" "$tool" same "$work/ref.h5" "$work/replicated$np.h5"
-  diff <(metrics "$work/ref.jsonl") <(metrics "$work/replicated$np.jsonl")
+# Every rank holding every row (replicated), or reading each step's rows from the file
+# (streamed), gives the bits of each holding its block of the training and test sets
+# (partitioned, the default on more than one rank, as above).
+for placement in replicated streamed; do
+  for np in 1 2 3; do
+    train "$np" "${common[@]}" --threads 1 --data-placement "$placement" \
+      --save "$work/$placement$np.h5" --metrics "$work/$placement$np.jsonl" > /dev/null
+    "$python" "$tool" same "$work/ref.h5" "$work/$placement$np.h5"
+    diff <(metrics "$work/ref.jsonl") <(metrics "$work/$placement$np.jsonl")
+  done
 done
 
 # Open MPI's allreduce algorithms, forced: blocking collectives (no --collective-timeout) go
@@ -68,11 +71,12 @@ taskset -c 0 "$shardprop" predict --checkpoint "$work/ref.h5" --data "$work/test
 cmp "$work/all.csv" "$work/one.csv"
 
 # A checkpoint from 3 ranks holding their blocks of the data, resumed mid-epoch on 2
-# holding all of it and on 4 holding their blocks (and with 2 threads).
+# holding all of it, on 4 holding their blocks and on 1 streaming it (and with 2 threads).
 train 3 "${common[@]}" --checkpoint-dir "$work/ck" --stop-at-step 59 > /dev/null
-for np in 2 4; do
+for np in 2 4 1; do
   placement=partitioned
   [ "$np" = 2 ] && placement=replicated
+  [ "$np" = 1 ] && placement=streamed
   train "$np" --train "$work/train.h5" --resume "$work/ck" --threads 2 --progress never \
     --data-placement "$placement" --save "$work/resumed$np.h5" > "$work/resume$np.txt"
   if [ "$placement" = partitioned ]; then grep -q "on this rank)" "$work/resume$np.txt"; fi

@@ -1,8 +1,11 @@
 #include "exchange.hpp"
+#include "stream.hpp"
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "local_group.hpp"
@@ -25,7 +28,7 @@ void expect_exchange_matches_gather(const Dataset& whole, std::size_t k) {
       std::size_t steps = 0, mismatches = 0;
       testing::run_ranks(size, [&](Communicator& comm) {
         const Dataset mine = testing::block_of(whole, comm.rank(), size);
-        RowExchange exchange(comm, mine, k, 0, chunk);
+        RowExchange exchange(comm, mine, k, chunk);
         std::vector<std::uint32_t> order;
         for (std::uint64_t epoch = 0; epoch < 2; ++epoch) {
           epoch_permutation(whole.rows, 3, epoch, order);
@@ -73,8 +76,72 @@ TEST(RowExchange, RefusesABlockThatIsNotTheRanks) {
   const Dataset whole = testing::noisy_classes(40, 3, 2, 1.0);
   testing::run_ranks(2, [&](Communicator& comm) {
     const Dataset wrong = testing::block_of(whole, 1 - comm.rank(), 2);
-    testing::expect_error([&] { RowExchange(comm, wrong, 2, 0, 0); }, "but its block is");
+    testing::expect_error([&] { RowExchange(comm, wrong, 2, 0); }, "but its block is");
   });
+}
+
+// A streamed set gives the rows gather() copies from the whole set, whichever way the file
+// stores them: contiguous raw floats (read from the file directly), chunks of raw floats
+// (read chunk by chunk through the cache, here smaller than the set and than one chunk),
+// and anything else (doubles: one HDF5 read of the rows' union, converted).
+class RowStreamTest : public testing::TempDirTest {};
+
+TEST_F(RowStreamTest, RowsAreTheWholeSetsForEveryLayout) {
+  const Dataset whole = testing::noisy_classes(301, 7, 5, 1.0);
+  write_dataset(path("contiguous.h5"), whole);
+  const auto write_with = [&](const std::string& name, hid_t file_type, hsize_t chunk_rows) {
+    h5::Handle file(H5Fcreate(path(name).c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT),
+                    H5Fclose, name);
+    h5::write_dataset(file.get(), "features", file_type, H5T_NATIVE_FLOAT, {whole.rows, whole.cols},
+                      whole.features.data(), chunk_rows);
+    h5::write_dataset(file.get(), "labels", H5T_STD_I32LE, H5T_NATIVE_INT32, {whole.rows},
+                      whole.labels.data());
+    file.close(name);
+  };
+  write_with("chunked.h5", H5T_NATIVE_FLOAT, 4);
+  write_with("doubles.h5", H5T_IEEE_F64LE, 0);
+  std::vector<std::uint32_t> order;
+  for (const char* name : {"contiguous.h5", "chunked.h5", "doubles.h5"}) {
+    const Dataset streamed = read_dataset_streamed(path(name));
+    EXPECT_TRUE(streamed.streamed);
+    EXPECT_TRUE(streamed.features.empty());
+    EXPECT_EQ(streamed.labels, whole.labels);
+    for (std::size_t cache : {std::size_t(0), std::size_t(1) << 20}) {
+      RowStream stream(streamed, cache);
+      for (std::uint64_t epoch = 0; epoch < 2; ++epoch) {
+        epoch_permutation(whole.rows, 9, epoch, order);
+        for (std::size_t begin = 0; begin < whole.rows; begin += 40) {
+          const auto rows = std::span<const std::uint32_t>(order).subspan(
+              begin, std::min<std::size_t>(40, whole.rows - begin));
+          std::vector<float> x(rows.size() * whole.cols), y(rows.size() * 5);
+          std::vector<float> x_ref(x.size()), y_ref(y.size());
+          stream.gather(rows, 5, x.data(), y.data());
+          gather(whole, rows, 5, x_ref.data(), y_ref.data());
+          ASSERT_EQ(x, x_ref) << name << ", cache " << cache << ", batch at " << begin;
+          ASSERT_EQ(y, y_ref) << name;
+        }
+      }
+    }
+  }
+  testing::expect_error([&] { gather(read_dataset_streamed(path("chunked.h5")), order, 5, nullptr, nullptr); },
+                        "a streamed data set holds no rows to copy");
+}
+
+TEST(BackgroundTask, RunsJobsInTurnAndHandsBackTheirErrors) {
+  BackgroundTask task;
+  int runs = 0;
+  for (int i = 0; i < 100; ++i) {
+    task.start([&] { ++runs; });
+    task.wait();
+  }
+  EXPECT_EQ(runs, 100);
+  task.start([] { SP_THROW("the job failed"); });
+  testing::expect_error([&] { task.wait(); }, "the job failed");
+  task.start([&] { ++runs; });  // the thread goes on after an error
+  task.wait();
+  EXPECT_EQ(runs, 101);
+  task.start([] { std::this_thread::sleep_for(std::chrono::milliseconds(20)); });
+  // destroyed while the job runs: the destructor waits for it
 }
 
 }  // namespace

@@ -166,11 +166,15 @@ TEST(Trainer, RanksWithDifferentModelsStopTogether) {
 // updating its share) trains as the MPI reducer does, and its checkpoints resume on either.
 // Tolerance: the two add the ranks' sums in another grouping (rank order against MPI's), so
 // the parameters differ by float rounding, amplified over 12 Adam steps: 1e-4 relative.
-// Each rank holding only its block of the training and test sets trains to the same bits
-// as every rank holding all of it: the minibatches are byte for byte the same, in the
-// default mode as in the deterministic one, through either reducer.
-TEST(Trainer, PartitionedDataTrainsToTheBitsOfReplicated) {
+// Each rank holding only its block of the training and test sets, or streaming the
+// training set from its file, trains to the same bits as every rank holding all of it: the
+// minibatches are byte for byte the same, in the default mode as in the deterministic one,
+// through either reducer.
+class Placement : public testing::TempDirTest {};
+
+TEST_F(Placement, PartitionedAndStreamedDataTrainToTheBitsOfReplicated) {
   const Dataset data = testing::noisy_classes(70, 5, 3, 1.0);  // batches of 16: 4 full, 1 short
+  write_dataset(path("train.h5"), data);
   const Dataset test = testing::noisy_classes(23, 5, 3, 2.0);
   for (const bool deterministic : {false, true}) {
     for (const char* reduction : {"node", "mpi"}) {
@@ -179,31 +183,35 @@ TEST(Trainer, PartitionedDataTrainsToTheBitsOfReplicated) {
       config.deterministic = deterministic;
       config.chunk = 4;
       config.reduction = reduction;
-      std::vector<AlignedVector<float>> params(2);
-      std::vector<EvalStats> evaluated(2);
-      for (const bool partitioned : {false, true}) {
+      std::vector<AlignedVector<float>> params(3);
+      std::vector<EvalStats> evaluated(3);
+      for (const int placement : {0, 1, 2}) {  // replicated, partitioned, streamed
+        const bool partitioned = placement > 0;
         testing::run_ranks(3, [&](Communicator& comm) {
           const Dataset block = testing::block_of(data, comm.rank(), 3);
           const Dataset test_block =
               testing::block_of(test, comm.rank(), 3, config.deterministic_chunk());
-          Trainer trainer(config, comm, partitioned ? block : data);
-          ASSERT_EQ(trainer.train_data().partitioned(), partitioned);
+          const Dataset streamed = read_dataset_streamed(path("train.h5"));
+          Trainer trainer(config, comm, placement == 0 ? data : placement == 1 ? block : streamed);
+          ASSERT_EQ(trainer.train_data().partitioned(), placement == 1);
           TrainObserver quiet;
           trainer.run(nullptr, quiet);
           const EvalStats e = trainer.evaluate(partitioned ? test_block : test);
           if (comm.rank() == 0) {
-            params[partitioned] = trainer.checkpoint().params;
-            evaluated[partitioned] = e;
+            params[std::size_t(placement)] = trainer.checkpoint().params;
+            evaluated[std::size_t(placement)] = e;
           }
         });
       }
       const std::string what =
           std::string(deterministic ? "deterministic" : "default") + ", " + reduction;
       ASSERT_FALSE(params[0].empty()) << what;
-      EXPECT_EQ(params[0], params[1]) << what;
-      EXPECT_EQ(evaluated[0].loss, evaluated[1].loss) << what;
-      EXPECT_EQ(evaluated[0].accuracy, evaluated[1].accuracy) << what;
-      EXPECT_EQ(evaluated[1].samples, test.rows) << what;
+      for (std::size_t p : {1, 2}) {
+        EXPECT_EQ(params[0], params[p]) << what << ", placement " << p;
+        EXPECT_EQ(evaluated[0].loss, evaluated[p].loss) << what;
+        EXPECT_EQ(evaluated[0].accuracy, evaluated[p].accuracy) << what;
+        EXPECT_EQ(evaluated[p].samples, test.rows) << what;
+      }
     }
   }
 }

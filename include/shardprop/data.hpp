@@ -26,6 +26,9 @@ struct Dataset {
   // the vectors above is the file's row first + i); total is 0 when every row is held.
   std::size_t first = 0;
   std::size_t total = 0;
+  // A streamed set holds no features: they stay in the file `source`, read as needed.
+  bool streamed = false;
+  std::string source;
 
   bool has_labels() const { return !labels.empty(); }
   // The rows of the whole data set, held here or not.
@@ -49,7 +52,20 @@ struct RowBlock {
 // alone is accepted too (for prediction).
 Dataset read_dataset(const std::string& path, bool need_targets = true,
                      std::optional<RowBlock> block = {});
-// Writes `features` (float32) and `labels` (int32) or `targets` (float32).
+// The same checks and shape, the labels or targets of every row, but no features: a data
+// set to stream from its file (--data-placement streamed). Features are checked as they
+// are read.
+Dataset read_dataset_streamed(const std::string& path, bool need_targets = true);
+// How a data file stores its features ("contiguous (row after row)", "in chunks of N
+// rows" or "in chunks of R x C"), and the file's size in bytes.
+struct DataLayout {
+  std::string features;
+  std::uintmax_t file_bytes = 0;
+};
+DataLayout data_layout(const std::string& path);
+// Writes `features` (float32) and `labels` (int32) or `targets` (float32), each stored
+// contiguously, row after row: a rank's block is one range of the file, and a sampled row
+// (--data-placement streamed) is read from the file with no more than its own bytes.
 void write_dataset(const std::string& path, const Dataset& data);
 
 // Writes the predicted class of every sample and the model's outputs (N × K): HDF5

@@ -37,7 +37,8 @@ struct Settings {
   // how this invocation's ranks run
   std::string overlap = "on";
   std::string reduction = "auto";  // auto|node|mpi
-  std::string data_placement = "partitioned";  // partitioned|replicated
+  std::string data_placement = "partitioned";  // partitioned|replicated|streamed
+  std::uint64_t read_cache = 64;  // MB of HDF5 chunk cache for streamed reads
   std::string precision = "fp32";  // fp32|bf16
   std::string gemm = "auto";       // auto|onednn|openblas|eigen
   std::uint64_t threads = 0;  // 0: the node's cores divided by the ranks on the node

@@ -19,6 +19,8 @@
 namespace shardprop {
 
 class RowExchange;
+class RowStream;
+class BackgroundTask;
 
 struct EpochStats {
   std::uint64_t epoch = 0;  // 1-based, as printed
@@ -55,9 +57,10 @@ class TrainObserver {
 
 class Trainer {
  public:
-  // Every rank passes the same settings and training data: the whole set, or each rank its
+  // Every rank passes the same settings and training data: the whole set, each rank its
   // block of it (read_dataset with RowBlock{rank, size, 0}), whose rows then travel to the
-  // ranks whose shards need them every step. Checks that all ranks agree on the model
+  // ranks whose shards need them every step, or a streamed set (read_dataset_streamed),
+  // whose rows each rank reads from the file as its shards need them. Checks that all ranks agree on the model
   // layout and settings, then takes rank 0's initial parameters.
   Trainer(const Settings& settings, Communicator& comm, const Dataset& train);
   ~Trainer();
@@ -139,6 +142,10 @@ class Trainer {
   std::uint64_t order_epoch_ = UINT64_MAX;
   StepTimes times_;
   int stopped_by_ = 0;
+  // A streamed training set's reader, and the thread that reads the next step's rows (last:
+  // destroyed first, while the buffers it writes still exist).
+  std::unique_ptr<RowStream> stream_;
+  std::unique_ptr<BackgroundTask> reader_;
 };
 
 // Loss and accuracy of `params` over a whole data set, each rank evaluating its contiguous

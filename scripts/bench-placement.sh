@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# What each --data-placement costs on 2 ranks x 1 thread, Fashion-MNIST, one run each, the
+# placements alternating: the training throughput (median samples/s of the epochs after the
+# first, from --metrics) and each rank's peak resident memory (/usr/bin/time), from which the
+# same run on a 512-row training set of the same width ("without data") is subtracted: the
+# data's share. Prints one table; a benchmark, not a test.
+# usage: scripts/bench-placement.sh [PLACEMENT...]   (default: replicated partitioned)
+# Environment: BUILD_DIR (build), ROUNDS (2: each case this many times, best kept).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=${BUILD_DIR:-$root/build}
+shardprop=$build/apps/shardprop
+data=$build/fashion-mnist/train.h5
+[ -s "$data" ] || { echo "$0: needs $data (bash scripts/demo.sh or scripts/bench.sh makes it)" >&2; exit 2; }
+placements=("$@")
+[ ${#placements[@]} -gt 0 ] || placements=(replicated partitioned)
+rounds=${ROUNDS:-2}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+/usr/bin/python3 - "$data" "$work/small.h5" <<'PY'
+import sys, h5py
+with h5py.File(sys.argv[1]) as f, h5py.File(sys.argv[2], "w") as out:
+    out["features"] = f["features"][:512]
+    out["labels"] = f["labels"][:512]
+PY
+
+# run NAME TRAIN PLACEMENT LAYERS BATCH EPOCHS: peak KB of the largest rank and median
+# samples/s of epochs 2.., as "peak rate".
+run() {
+  local name=$1 train=$2 placement=$3 layers=$4 batch=$5 epochs=$6
+  # shellcheck disable=SC2016  # expanded by each rank's shell
+  MPIRUN_BIND=none "$root/scripts/mpirun.sh" 2 /bin/sh -c \
+    'exec /usr/bin/time -f "peak-kb %M" -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' "$work/$name" \
+    "$shardprop" train --train "$train" --layers "$layers" --batch "$batch" --epochs "$epochs" \
+    --threads 1 --data-placement "$placement" --progress never --metrics "$work/$name.jsonl" > /dev/null
+  /usr/bin/python3 - "$work" "$name" <<'PY'
+import glob, json, statistics, sys
+work, name = sys.argv[1], sys.argv[2]
+peak = max(int(open(p).read().split()[-1]) for p in glob.glob(f"{work}/{name}.[0-9]*"))
+rates = [json.loads(l)["samples_per_s"] for l in open(f"{work}/{name}.jsonl") if l.strip()]
+print(peak, statistics.median(rates[1:] or rates))
+PY
+}
+
+printf '%-6s %-12s %12s %14s %16s %10s\n' model placement samples/s "peak MB/rank" "no-data MB/rank" "data MB"
+for model in "small 784,256:relu,128:relu,10:softmax 128 8" "wide 784,1024:relu,1024:relu,10:softmax 256 3"; do
+  read -r name layers batch epochs <<< "$model"
+  declare -A best_rate=() best_peak=() base_peak=()
+  for ((round = 0; round < rounds; round++)); do
+    for placement in "${placements[@]}"; do
+      read -r peak rate <<< "$(run "$name-$placement" "$data" "$placement" "$layers" "$batch" "$epochs")"
+      read -r base _ <<< "$(run "$name-$placement-base" "$work/small.h5" "$placement" "$layers" "$batch" 1)"
+      if [ -z "${best_rate[$placement]:-}" ] || /usr/bin/python3 -c "import sys; sys.exit(0 if $rate > ${best_rate[$placement]} else 1)"; then
+        best_rate[$placement]=$rate
+      fi
+      [ -z "${best_peak[$placement]:-}" ] || [ "$peak" -lt "${best_peak[$placement]}" ] && best_peak[$placement]=$peak
+      [ -z "${base_peak[$placement]:-}" ] || [ "$base" -lt "${base_peak[$placement]}" ] && base_peak[$placement]=$base
+    done
+  done
+  for placement in "${placements[@]}"; do
+    /usr/bin/python3 -c "
+p, b, r = ${best_peak[$placement]}, ${base_peak[$placement]}, ${best_rate[$placement]}
+print(f'%-6s %-12s %12.0f %14.1f %16.1f %10.1f' % ('$name', '$placement', r, p / 1024, b / 1024, (p - b) / 1024))"
+  done
+  unset best_rate best_peak base_peak
+done
