@@ -41,12 +41,13 @@ std::size_t RowExchange::owner(std::uint32_t row) const {
 void RowExchange::gather(std::span<const std::uint32_t> batch, float* x, float* y) {
   const int p = comm_.size();
   const auto me = std::size_t(comm_.rank());
-  // What every rank needs from this one, in the order of its shard.
+  // What every other rank needs from this one, in the order of its shard (this rank's own
+  // rows it copies itself, below).
   std::size_t sent = 0;
   for (int q = 0; q < p; ++q) {
     const Range shard = shard_range(batch.size(), q, p, chunk_);
     send_offsets_[std::size_t(q)] = sent;
-    for (std::size_t j = shard.begin; j < shard.end; ++j) {
+    for (std::size_t j = shard.begin; j < shard.end && std::size_t(q) != me; ++j) {
       if (owner(batch[j]) == me) sent += width_;
     }
     send_counts_[std::size_t(q)] = sent - send_offsets_[std::size_t(q)];
@@ -54,6 +55,7 @@ void RowExchange::gather(std::span<const std::uint32_t> batch, float* x, float* 
   if (send_.size() < sent) send_.resize(sent);
   float* out = send_.data();
   for (int q = 0; q < p; ++q) {
+    if (std::size_t(q) == me) continue;
     const Range shard = shard_range(batch.size(), q, p, chunk_);
     for (std::size_t j = shard.begin; j < shard.end; ++j) {
       if (owner(batch[j]) != me) continue;
@@ -72,7 +74,7 @@ void RowExchange::gather(std::span<const std::uint32_t> batch, float* x, float* 
   const Range shard = shard_range(batch.size(), int(me), p, chunk_);
   std::fill(recv_counts_.begin(), recv_counts_.end(), 0);
   for (std::size_t j = shard.begin; j < shard.end; ++j) {
-    recv_counts_[owner(batch[j])] += width_;
+    if (const std::size_t q = owner(batch[j]); q != me) recv_counts_[q] += width_;
   }
   std::size_t received = 0;
   for (std::size_t q = 0; q < std::size_t(p); ++q) {
@@ -86,10 +88,13 @@ void RowExchange::gather(std::span<const std::uint32_t> batch, float* x, float* 
                   std::span(recv_counts_), std::span(recv_offsets_));
   // Each owner's rows arrive in the order of this shard: take them in turn.
   for (std::size_t j = shard.begin; j < shard.end; ++j) {
-    const std::size_t q = owner(batch[j]);
+    const std::size_t q = owner(batch[j]), i = j - shard.begin;
+    if (q == me) {
+      shardprop::gather(data_, batch.subspan(j, 1), k_, x + i * data_.cols, y + i * k_);
+      continue;
+    }
     const float* row = recv_.data() + cursor_[q];
     cursor_[q] += width_;
-    const std::size_t i = j - shard.begin;
     std::copy_n(row, data_.cols, x + i * data_.cols);
     float* target = y + i * k_;
     if (!data_.has_labels()) {
