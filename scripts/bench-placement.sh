@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# What each --data-placement costs on 2 ranks x 1 thread, Fashion-MNIST, one run each, the
-# placements alternating: the training throughput (median samples/s of the epochs after the
-# first, from --metrics) and each rank's peak resident memory (/usr/bin/time), from which the
-# same run on a 512-row training set of the same width ("without data") is subtracted: the
-# data's share. Prints one table; a benchmark, not a test.
+# What each --data-placement costs on 2 ranks x 1 thread, Fashion-MNIST, the placements
+# alternating: the training throughput (median samples/s of the epochs after the first, from
+# --metrics) and each rank's peak resident memory (/usr/bin/time), from which the same run
+# on a 512-row training set of the same width ("without data") is subtracted: the data's
+# share. Also the peak of the memory the ranks allocate (RssAnon, polled every 0.25 s), which
+# leaves out file pages a rank maps (streamed maps its file: those pages are the kernel's
+# page cache, counted in the resident figure but reclaimed under memory pressure). Prints
+# one table; a benchmark, not a test.
 # usage: scripts/bench-placement.sh [PLACEMENT...]   (default: replicated partitioned)
 # Environment: BUILD_DIR (build), ROUNDS (2: each case this many times, best kept).
 set -euo pipefail
@@ -32,35 +35,46 @@ run() {
   MPIRUN_BIND=none "$root/scripts/mpirun.sh" 2 /bin/sh -c \
     'exec /usr/bin/time -f "peak-kb %M" -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' "$work/$name" \
     "$shardprop" train --train "$train" --layers "$layers" --batch "$batch" --epochs "$epochs" \
-    --threads 1 --data-placement "$placement" --progress never --metrics "$work/$name.jsonl" > /dev/null
-  /usr/bin/python3 - "$work" "$name" <<'PY'
+    --threads 1 --data-placement "$placement" --progress never --metrics "$work/$name.jsonl" > /dev/null &
+  local job=$! anon=0 pid v
+  while kill -0 "$job" 2> /dev/null; do
+    for pid in $(pgrep -f "^$shardprop train .*$work/$name.jsonl" || true); do
+      v=$(awk '/^RssAnon:/ {print $2}' "/proc/$pid/status" 2> /dev/null || true)
+      [ -n "$v" ] && [ "$v" -gt "$anon" ] && anon=$v
+    done
+    sleep 0.25  # the data, once read, stays: a sparse poll finds its peak and costs no speed
+  done
+  wait "$job"
+  /usr/bin/python3 - "$work" "$name" "$anon" <<'PY'
 import glob, json, statistics, sys
-work, name = sys.argv[1], sys.argv[2]
+work, name, anon = sys.argv[1], sys.argv[2], sys.argv[3]
 peak = max(int(open(p).read().split()[-1]) for p in glob.glob(f"{work}/{name}.[0-9]*"))
 rates = [json.loads(l)["samples_per_s"] for l in open(f"{work}/{name}.jsonl") if l.strip()]
-print(peak, statistics.median(rates[1:] or rates))
+print(peak, statistics.median(rates[1:] or rates), anon)
 PY
 }
 
-printf '%-6s %-12s %12s %14s %16s %10s\n' model placement samples/s "peak MB/rank" "no-data MB/rank" "data MB"
+printf '%-6s %-12s %12s %14s %16s %10s %18s\n' model placement samples/s "peak MB/rank" "no-data MB/rank" \
+  "data MB" "allocated MB/rank"
 for model in "small 784,256:relu,128:relu,10:softmax 128 8" "wide 784,1024:relu,1024:relu,10:softmax 256 3"; do
   read -r name layers batch epochs <<< "$model"
-  declare -A best_rate=() best_peak=() base_peak=()
+  declare -A best_rate=() best_peak=() base_peak=() best_anon=()
   for ((round = 0; round < rounds; round++)); do
     for placement in "${placements[@]}"; do
-      read -r peak rate <<< "$(run "$name-$placement" "$data" "$placement" "$layers" "$batch" "$epochs")"
+      read -r peak rate anon <<< "$(run "$name-$placement" "$data" "$placement" "$layers" "$batch" "$epochs")"
       read -r base _ <<< "$(run "$name-$placement-base" "$work/small.h5" "$placement" "$layers" "$batch" 1)"
       if [ -z "${best_rate[$placement]:-}" ] || /usr/bin/python3 -c "import sys; sys.exit(0 if $rate > ${best_rate[$placement]} else 1)"; then
         best_rate[$placement]=$rate
       fi
       [ -z "${best_peak[$placement]:-}" ] || [ "$peak" -lt "${best_peak[$placement]}" ] && best_peak[$placement]=$peak
       [ -z "${base_peak[$placement]:-}" ] || [ "$base" -lt "${base_peak[$placement]}" ] && base_peak[$placement]=$base
+      [ -z "${best_anon[$placement]:-}" ] || [ "$anon" -lt "${best_anon[$placement]}" ] && best_anon[$placement]=$anon
     done
   done
   for placement in "${placements[@]}"; do
     /usr/bin/python3 -c "
-p, b, r = ${best_peak[$placement]}, ${base_peak[$placement]}, ${best_rate[$placement]}
-print(f'%-6s %-12s %12.0f %14.1f %16.1f %10.1f' % ('$name', '$placement', r, p / 1024, b / 1024, (p - b) / 1024))"
+p, b, r, a = ${best_peak[$placement]}, ${base_peak[$placement]}, ${best_rate[$placement]}, ${best_anon[$placement]}
+print('%-6s %-12s %12.0f %14.1f %16.1f %10.1f %18.1f' % ('$name', '$placement', r, p / 1024, b / 1024, (p - b) / 1024, a / 1024))"
   done
-  unset best_rate best_peak base_peak
+  unset best_rate best_peak base_peak best_anon
 done

@@ -1,6 +1,8 @@
 #include "stream.hpp"
 
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -12,7 +14,7 @@
 
 namespace shardprop {
 
-RowStream::RowStream(const Dataset& data, std::size_t cache_bytes) : data_(data) {
+RowStream::RowStream(const Dataset& data, std::size_t cache_bytes, bool map) : data_(data) {
   SP_CHECK(data.streamed, "RowStream needs a streamed data set");
   file_ = h5::open_file(data.source);
   features_ = h5::open_dataset(file_.get(), "features", data.source, cache_bytes);
@@ -21,9 +23,23 @@ RowStream::RowStream(const Dataset& data, std::size_t cache_bytes) : data_(data)
            ": dataset 'features' is no longer ", data.rows, " × ", data.cols);
   const std::string what = data.source + ": dataset 'features'";
   if (const auto offset = h5::raw_offset(features_.get(), H5T_NATIVE_FLOAT, what)) {
-    fd_ = ::open(data.source.c_str(), O_RDONLY | O_CLOEXEC);
-    SP_CHECK(fd_ >= 0, data.source, ": cannot open: ", std::strerror(errno));
+    file_fd_.fd = ::open(data.source.c_str(), O_RDONLY | O_CLOEXEC);
+    SP_CHECK(file_fd_.fd >= 0, data.source, ": cannot open: ", std::strerror(errno));
     offset_ = *offset;
+    struct stat st {};
+    SP_CHECK(::fstat(file_fd_.fd, &st) == 0, data.source, ": cannot stat: ",
+             std::strerror(errno));
+    SP_CHECK(std::uint64_t(st.st_size) >= offset_ + data.rows * data.cols * sizeof(float),
+             data.source, ": the file ends before its features do");
+    if (!map) return;
+    void* mapped =
+        ::mmap(nullptr, std::size_t(st.st_size), PROT_READ, MAP_SHARED, file_fd_.fd, 0);
+    if (mapped == MAP_FAILED) return;  // e.g. a capped address space: pread it is
+    map_.data = static_cast<const char*>(mapped);
+    map_.bytes = std::size_t(st.st_size);
+    // Rows are sampled at random: no read-ahead around them (advice: a failure changes
+    // nothing but speed).
+    static_cast<void>(::madvise(mapped, map_.bytes, MADV_RANDOM));
     return;
   }
   const std::vector<hsize_t> chunk = h5::chunk_dims(features_.get(), what);
@@ -38,14 +54,25 @@ RowStream::RowStream(const Dataset& data, std::size_t cache_bytes) : data_(data)
   }
 }
 
-RowStream::~RowStream() {
-  if (fd_ >= 0) ::close(fd_);
+RowStream::File::~File() {
+  if (fd >= 0) ::close(fd);
+}
+
+RowStream::Mapping::~Mapping() {
+  if (data) ::munmap(const_cast<char*>(data), bytes);
 }
 
 void RowStream::read_rows() {
   const std::string what = data_.source + ": dataset 'features'";
   const std::size_t row_bytes = data_.cols * sizeof(float);
-  if (fd_ >= 0) {
+  if (map_.data) {
+    for (std::size_t i = 0; i < rows_.size(); ++i) {
+      std::memcpy(staging_.data() + i * data_.cols, map_.data + offset_ + rows_[i] * row_bytes,
+                  row_bytes);
+    }
+    return;
+  }
+  if (file_fd_.fd >= 0) {
     // Runs of consecutive rows, one pread each.
     for (std::size_t i = 0; i < rows_.size();) {
       std::size_t j = i + 1;
@@ -53,7 +80,7 @@ void RowStream::read_rows() {
       auto* out = reinterpret_cast<char*>(staging_.data() + i * data_.cols);
       const std::size_t bytes = (j - i) * row_bytes;
       for (std::size_t done = 0; done < bytes;) {
-        const ssize_t n = ::pread(fd_, out + done, bytes - done,
+        const ssize_t n = ::pread(file_fd_.fd, out + done, bytes - done,
                                   off_t(offset_ + rows_[i] * row_bytes + done));
         if (n < 0 && errno == EINTR) continue;
         SP_CHECK(n > 0, what, ": reading row ", rows_[i] + done / row_bytes, ": ",

@@ -81,7 +81,7 @@ TEST(RowExchange, RefusesABlockThatIsNotTheRanks) {
 }
 
 // A streamed set gives the rows gather() copies from the whole set, whichever way the file
-// stores them: contiguous raw floats (read from the file directly), chunks of raw floats
+// stores them: contiguous raw floats (mapped, or read with pread), chunks of raw floats
 // (read chunk by chunk through the cache, here smaller than the set and than one chunk),
 // and anything else (doubles: one HDF5 read of the rows' union, converted).
 class RowStreamTest : public testing::TempDirTest {};
@@ -107,7 +107,8 @@ TEST_F(RowStreamTest, RowsAreTheWholeSetsForEveryLayout) {
     EXPECT_TRUE(streamed.features.empty());
     EXPECT_EQ(streamed.labels, whole.labels);
     for (std::size_t cache : {std::size_t(0), std::size_t(1) << 20}) {
-      RowStream stream(streamed, cache);
+      // The contiguous file mapped (cache 0) and read with pread (the other).
+      RowStream stream(streamed, cache, cache == 0);
       for (std::uint64_t epoch = 0; epoch < 2; ++epoch) {
         epoch_permutation(whole.rows, 9, epoch, order);
         for (std::size_t begin = 0; begin < whole.rows; begin += 40) {
