@@ -51,6 +51,8 @@ MpiComm::MpiComm(MPI_Comm parent) {
 MpiComm::MpiComm(MpiComm&& other) noexcept
     : comm_(std::exchange(other.comm_, MPI_COMM_NULL)),
       pending_(std::move(other.pending_)),
+      exchange_(std::move(other.exchange_)),
+      exchanging_(std::exchange(other.exchanging_, MPI_REQUEST_NULL)),
       timeout_s_(other.timeout_s_),
       rank_(other.rank_),
       size_(other.size_),
@@ -61,6 +63,8 @@ MpiComm& MpiComm::operator=(MpiComm&& other) noexcept {
     release();
     comm_ = std::exchange(other.comm_, MPI_COMM_NULL);
     pending_ = std::move(other.pending_);
+    exchange_ = std::move(other.exchange_);
+    exchanging_ = std::exchange(other.exchanging_, MPI_REQUEST_NULL);
     timeout_s_ = other.timeout_s_;
     rank_ = other.rank_;
     size_ = other.size_;
@@ -162,11 +166,10 @@ void Communicator::alltoallv_bytes(const void* send, std::span<const std::size_t
               send_counts[0] * element);
 }
 
-void MpiComm::alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
-                              std::span<const std::size_t> send_offsets, void* recv,
-                              std::span<const std::size_t> recv_counts,
-                              std::span<const std::size_t> recv_offsets, std::size_t element) {
-  // Counts and displacements in bytes, each an int.
+void MpiComm::byte_counts(std::span<const std::size_t> send_counts,
+                          std::span<const std::size_t> send_offsets,
+                          std::span<const std::size_t> recv_counts,
+                          std::span<const std::size_t> recv_offsets, std::size_t element) {
   const auto p = std::size_t(size_);
   exchange_.resize(4 * p);
   const std::span<const std::size_t> parts[] = {send_counts, send_offsets, recv_counts,
@@ -176,6 +179,15 @@ void MpiComm::alltoallv_bytes(const void* send, std::span<const std::size_t> sen
       exchange_[k * p + q] = checked_count(parts[k][q] * element, "MPI_Alltoallv");
     }
   }
+}
+
+void MpiComm::alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
+                              std::span<const std::size_t> send_offsets, void* recv,
+                              std::span<const std::size_t> recv_counts,
+                              std::span<const std::size_t> recv_offsets, std::size_t element) {
+  SP_CHECK(exchanging_ == MPI_REQUEST_NULL, "an alltoallv is already under way");
+  byte_counts(send_counts, send_offsets, recv_counts, recv_offsets, element);
+  const auto p = std::size_t(size_);
   const int* counts = exchange_.data();
   run("MPI_Alltoallv", [&](MPI_Request* r) {
     return r ? MPI_Ialltoallv(send, counts, counts + p, MPI_BYTE, recv, counts + 2 * p,
@@ -185,7 +197,36 @@ void MpiComm::alltoallv_bytes(const void* send, std::span<const std::size_t> sen
   });
 }
 
+void MpiComm::start_alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
+                                    std::span<const std::size_t> send_offsets, void* recv,
+                                    std::span<const std::size_t> recv_counts,
+                                    std::span<const std::size_t> recv_offsets,
+                                    std::size_t element) {
+  SP_CHECK(exchanging_ == MPI_REQUEST_NULL, "an alltoallv is already under way");
+  byte_counts(send_counts, send_offsets, recv_counts, recv_offsets, element);
+  const auto p = std::size_t(size_);
+  const int* counts = exchange_.data();
+  check_mpi(MPI_Ialltoallv(send, counts, counts + p, MPI_BYTE, recv, counts + 2 * p,
+                           counts + 3 * p, MPI_BYTE, comm_, &exchanging_),
+            "MPI_Ialltoallv");
+}
+
+void MpiComm::wait_alltoallv() {
+  if (exchanging_ == MPI_REQUEST_NULL) return;
+  try {
+    complete(std::span<MPI_Request>(&exchanging_, 1), "MPI_Ialltoallv of the next rows");
+  } catch (...) {  // abandoned to MPI_Abort or MPI_Finalize
+    exchanging_ = MPI_REQUEST_NULL;
+    throw;
+  }
+  exchanging_ = MPI_REQUEST_NULL;
+}
+
 void MpiComm::progress() {
+  if (exchanging_ != MPI_REQUEST_NULL) {
+    int done = 0;  // a completed request becomes MPI_REQUEST_NULL
+    check_mpi(MPI_Test(&exchanging_, &done, MPI_STATUS_IGNORE), "MPI_Test");
+  }
   if (pending_.empty()) return;
   int done = 0;
   check_mpi(MPI_Testall(int(pending_.size()), pending_.data(), &done, MPI_STATUSES_IGNORE),

@@ -39,6 +39,11 @@ std::size_t RowExchange::owner(std::uint32_t row) const {
 }
 
 void RowExchange::gather(std::span<const std::uint32_t> batch, float* x, float* y) {
+  start(batch);
+  finish(batch, x, y);
+}
+
+void RowExchange::start(std::span<const std::uint32_t> batch) {
   const int p = comm_.size();
   const auto me = std::size_t(comm_.rank());
   // What every other rank needs from this one, in the order of its shard (this rank's own
@@ -83,9 +88,15 @@ void RowExchange::gather(std::span<const std::uint32_t> batch, float* x, float* 
     received += recv_counts_[q];
   }
   if (recv_.size() < received) recv_.resize(received);
-  comm_.alltoallv(std::span<const float>(send_.data(), sent), std::span(send_counts_),
-                  std::span(send_offsets_), std::span<float>(recv_.data(), received),
-                  std::span(recv_counts_), std::span(recv_offsets_));
+  comm_.start_alltoallv(std::span<const float>(send_.data(), sent), std::span(send_counts_),
+                        std::span(send_offsets_), std::span<float>(recv_.data(), received),
+                        std::span(recv_counts_), std::span(recv_offsets_));
+}
+
+void RowExchange::finish(std::span<const std::uint32_t> batch, float* x, float* y) {
+  const auto me = std::size_t(comm_.rank());
+  const Range shard = shard_range(batch.size(), comm_.rank(), comm_.size(), chunk_);
+  comm_.wait_alltoallv();
   // Each owner's rows arrive in the order of this shard: take them in turn.
   for (std::size_t j = shard.begin; j < shard.end; ++j) {
     const std::size_t q = owner(batch[j]), i = j - shard.begin;

@@ -26,6 +26,11 @@ class RowExchange {
   // this rank's shard of it (shard_range(batch.size(), rank, P, chunk)) as gather() would:
   // x (rows × D) and y (rows × k).
   void gather(std::span<const std::uint32_t> batch, float* x, float* y);
+  // gather() in two halves, so that the rows travel while the caller computes: start()
+  // sends this rank's rows (collective), finish() waits for the others' and writes the
+  // shard. The batch must stay valid in between.
+  void start(std::span<const std::uint32_t> batch);
+  void finish(std::span<const std::uint32_t> batch, float* x, float* y);
 
  private:
   // The rank whose block holds `row`.

@@ -290,7 +290,8 @@ class NodeReducer final : public GradReducer<T> {
                comm_.size() > 1 ? Callback(nothing) : Callback());
   }
 
-  void progress() override {}
+  // Nothing of the gradient's to advance, but the rows of the next step may be travelling.
+  void progress() override { comm_.progress(); }
 
   MinibatchStats finish(Callback before_wait, StepTimes* times, ShareUpdate<T>* update) override {
     const auto computed = Clock::now();

@@ -227,7 +227,14 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
   const bool ready = prefetched_.data() == global_batch.data() &&
                      prefetched_.size() == global_batch.size() && !global_batch.empty();
   if (!ready) gather_shard(global_batch, x_[now].data(), y_[now].data());
-  const auto prefetch = [&] { gather_shard(next_batch, x_[1 - now].data(), y_[1 - now].data()); };
+  // Partitioned: the next step's rows travel while this one computes (backward's progress
+  // calls advance them), and arrive where the others are gathered.
+  const bool exchanging = exchange_ && !next_batch.empty();
+  if (exchanging) exchange_->start(next_batch);
+  const auto prefetch = [&] {
+    if (exchanging) return exchange_->finish(next_batch, x_[1 - now].data(), y_[1 - now].data());
+    gather_shard(next_batch, x_[1 - now].data(), y_[1 - now].data());
+  };
   // Streamed: the next step's rows are read while this one computes, and waited for where
   // the others gather them.
   const bool in_background = reader_ && !next_batch.empty();

@@ -78,6 +78,27 @@ class Communicator {
     alltoallv_bytes(send.data(), send_counts, send_offsets, recv.data(), recv_counts,
                     recv_offsets, sizeof(T));
   }
+  // The same, started: finished by wait_alltoallv(); progress() advances it meanwhile. The
+  // buffers and counts must stay untouched until then. One at a time.
+  template <class T>
+  void start_alltoallv(std::span<const T> send, std::span<const std::size_t> send_counts,
+                       std::span<const std::size_t> send_offsets, std::span<T> recv,
+                       std::span<const std::size_t> recv_counts,
+                       std::span<const std::size_t> recv_offsets) {
+    SP_CHECK(send_counts.size() == std::size_t(size()) && recv_counts.size() == send_counts.size() &&
+                 send_offsets.size() == send_counts.size() &&
+                 recv_offsets.size() == send_counts.size(),
+             "alltoallv: one count and offset per rank");
+    for (std::size_t q = 0; q < send_counts.size(); ++q) {
+      SP_CHECK(send_offsets[q] + send_counts[q] <= send.size() &&
+                   recv_offsets[q] + recv_counts[q] <= recv.size(),
+               "alltoallv: a part lies outside its buffer");
+    }
+    start_alltoallv_bytes(send.data(), send_counts, send_offsets, recv.data(), recv_counts,
+                          recv_offsets, sizeof(T));
+  }
+  // Completes the started alltoallv (none: returns at once).
+  virtual void wait_alltoallv() {}
   // Whether every rank runs on this rank's node (and can share its memory).
   virtual bool single_node() const { return false; }
   // Seconds a collective may wait for the other ranks (0: forever).
@@ -110,6 +131,14 @@ class Communicator {
                                std::span<const std::size_t> send_offsets, void* recv,
                                std::span<const std::size_t> recv_counts,
                                std::span<const std::size_t> recv_offsets, std::size_t element);
+  // By default the blocking one, done at once.
+  virtual void start_alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
+                                     std::span<const std::size_t> send_offsets, void* recv,
+                                     std::span<const std::size_t> recv_counts,
+                                     std::span<const std::size_t> recv_offsets,
+                                     std::size_t element) {
+    alltoallv_bytes(send, send_counts, send_offsets, recv, recv_counts, recv_offsets, element);
+  }
 
  private:
   const char* phase_what_ = nullptr;
@@ -174,6 +203,7 @@ class MpiComm final : public Communicator {
   // A failed or abandoned step leaves requests that MPI_Finalize or MPI_Abort reclaim
   // (never a wait in the destructor).
   void wait_all() override;
+  void wait_alltoallv() override;
 
  protected:
   void allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op) override;
@@ -183,8 +213,18 @@ class MpiComm final : public Communicator {
                        std::span<const std::size_t> send_offsets, void* recv,
                        std::span<const std::size_t> recv_counts,
                        std::span<const std::size_t> recv_offsets, std::size_t element) override;
+  void start_alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
+                             std::span<const std::size_t> send_offsets, void* recv,
+                             std::span<const std::size_t> recv_counts,
+                             std::span<const std::size_t> recv_offsets,
+                             std::size_t element) override;
 
  private:
+  // exchange_ from the counts and offsets, in bytes.
+  void byte_counts(std::span<const std::size_t> send_counts,
+                   std::span<const std::size_t> send_offsets,
+                   std::span<const std::size_t> recv_counts,
+                   std::span<const std::size_t> recv_offsets, std::size_t element);
   void release() noexcept;
   // Waits for `requests`, or throws CollectiveTimeout once the timeout has passed.
   void complete(std::span<MPI_Request> requests, const char* what);
@@ -195,6 +235,7 @@ class MpiComm final : public Communicator {
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::vector<MPI_Request> pending_;
   std::vector<int> exchange_;  // alltoallv's counts and displacements, in bytes
+  MPI_Request exchanging_ = MPI_REQUEST_NULL;  // the started alltoallv
   double timeout_s_ = 0;
   int rank_ = 0, size_ = 1, ranks_on_node_ = 1;
 };
