@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What each --data-placement costs on 2 ranks x 1 thread, Fashion-MNIST, the placements
+# What each --data-placement costs on 2 ranks x 1 thread (each bound to a core, as
+# scripts/mpirun.sh binds them), Fashion-MNIST, the placements
 # alternating: the training throughput (median samples/s of the epochs after the first, from
 # --metrics) and each rank's peak resident memory (/usr/bin/time), from which the same run
 # on a 512-row training set of the same width ("without data") is subtracted: the data's
@@ -32,7 +33,7 @@ PY
 run() {
   local name=$1 train=$2 placement=$3 layers=$4 batch=$5 epochs=$6
   # shellcheck disable=SC2016  # expanded by each rank's shell
-  MPIRUN_BIND=none "$root/scripts/mpirun.sh" 2 /bin/sh -c \
+  "$root/scripts/mpirun.sh" 2 /bin/sh -c \
     'exec /usr/bin/time -f "peak-kb %M" -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' "$work/$name" \
     "$shardprop" train --train "$train" --layers "$layers" --batch "$batch" --epochs "$epochs" \
     --threads 1 --data-placement "$placement" --progress never --metrics "$work/$name.jsonl" > /dev/null &
