@@ -161,6 +161,7 @@ void Communicator::alltoallv_bytes(const void* send, std::span<const std::size_t
                                    std::size_t element) {
   SP_CHECK(size() == 1 && send_counts[0] == recv_counts[0],
            "alltoallv: this communicator exchanges nothing between ranks");
+  if (send_counts[0] == 0) return;  // the buffers may be empty (null)
   std::memcpy(static_cast<std::byte*>(recv) + recv_offsets[0] * element,
               static_cast<const std::byte*>(send) + send_offsets[0] * element,
               send_counts[0] * element);

@@ -65,6 +65,7 @@ class LocalGroup {
         SP_CHECK(theirs.counts[me] == recv_counts[q], "LocalGroup alltoallv: rank ", q,
                  " sends ", theirs.counts[me], " elements, rank ", rank_, " expects ",
                  recv_counts[q]);
+        if (recv_counts[q] == 0) continue;  // the buffers may be empty (null)
         std::memcpy(static_cast<std::byte*>(recv) + recv_offsets[q] * element,
                     theirs.data + theirs.offsets[me] * element, recv_counts[q] * element);
       }
