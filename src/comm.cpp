@@ -154,11 +154,12 @@ void MpiComm::broadcast_bytes(void* data, std::size_t bytes, int root) {
   } while (done < bytes);
 }
 
-void Communicator::alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
-                                   std::span<const std::size_t> send_offsets, void* recv,
-                                   std::span<const std::size_t> recv_counts,
-                                   std::span<const std::size_t> recv_offsets,
-                                   std::size_t element) {
+void Communicator::start_alltoallv_bytes(const void* send,
+                                         std::span<const std::size_t> send_counts,
+                                         std::span<const std::size_t> send_offsets, void* recv,
+                                         std::span<const std::size_t> recv_counts,
+                                         std::span<const std::size_t> recv_offsets,
+                                         std::size_t element) {
   SP_CHECK(size() == 1 && send_counts[0] == recv_counts[0],
            "alltoallv: this communicator exchanges nothing between ranks");
   if (send_counts[0] == 0) return;  // the buffers may be empty (null)
@@ -167,45 +168,22 @@ void Communicator::alltoallv_bytes(const void* send, std::span<const std::size_t
               send_counts[0] * element);
 }
 
-void MpiComm::byte_counts(std::span<const std::size_t> send_counts,
-                          std::span<const std::size_t> send_offsets,
-                          std::span<const std::size_t> recv_counts,
-                          std::span<const std::size_t> recv_offsets, std::size_t element) {
-  const auto p = std::size_t(size_);
-  exchange_.resize(4 * p);
-  const std::span<const std::size_t> parts[] = {send_counts, send_offsets, recv_counts,
-                                                recv_offsets};
-  for (std::size_t k = 0; k < 4; ++k) {
-    for (std::size_t q = 0; q < p; ++q) {
-      exchange_[k * p + q] = checked_count(parts[k][q] * element, "MPI_Alltoallv");
-    }
-  }
-}
-
-void MpiComm::alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
-                              std::span<const std::size_t> send_offsets, void* recv,
-                              std::span<const std::size_t> recv_counts,
-                              std::span<const std::size_t> recv_offsets, std::size_t element) {
-  SP_CHECK(exchanging_ == MPI_REQUEST_NULL, "an alltoallv is already under way");
-  byte_counts(send_counts, send_offsets, recv_counts, recv_offsets, element);
-  const auto p = std::size_t(size_);
-  const int* counts = exchange_.data();
-  run("MPI_Alltoallv", [&](MPI_Request* r) {
-    return r ? MPI_Ialltoallv(send, counts, counts + p, MPI_BYTE, recv, counts + 2 * p,
-                              counts + 3 * p, MPI_BYTE, comm_, r)
-             : MPI_Alltoallv(send, counts, counts + p, MPI_BYTE, recv, counts + 2 * p,
-                             counts + 3 * p, MPI_BYTE, comm_);
-  });
-}
-
 void MpiComm::start_alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
                                     std::span<const std::size_t> send_offsets, void* recv,
                                     std::span<const std::size_t> recv_counts,
                                     std::span<const std::size_t> recv_offsets,
                                     std::size_t element) {
   SP_CHECK(exchanging_ == MPI_REQUEST_NULL, "an alltoallv is already under way");
-  byte_counts(send_counts, send_offsets, recv_counts, recv_offsets, element);
+  // Counts and displacements in bytes, each an int.
   const auto p = std::size_t(size_);
+  exchange_.resize(4 * p);
+  const std::span<const std::size_t> parts[] = {send_counts, send_offsets, recv_counts,
+                                                recv_offsets};
+  for (std::size_t k = 0; k < 4; ++k) {
+    for (std::size_t q = 0; q < p; ++q) {
+      exchange_[k * p + q] = checked_count(parts[k][q] * element, "MPI_Ialltoallv");
+    }
+  }
   const int* counts = exchange_.data();
   check_mpi(MPI_Ialltoallv(send, counts, counts + p, MPI_BYTE, recv, counts + 2 * p,
                            counts + 3 * p, MPI_BYTE, comm_, &exchanging_),

@@ -380,25 +380,48 @@ void check_fits(const Dataset& data, const ModelSpec& spec, const std::string& n
   }
 }
 
+namespace {
+
+// Where the file's row `index` is in a data set that holds rows [first, first + rows).
+std::size_t held_row(const Dataset& data, std::uint32_t index) {
+  const std::size_t row = index - data.first;
+  SP_CHECK(index >= data.first && row < data.rows, "row ", index,
+           " is not among the rows this rank holds [", data.first, ", ",
+           data.first + data.rows, ")");
+  return row;
+}
+
+}  // namespace
+
+void label_target(std::int32_t label, std::size_t k, float* target) {
+  if (k == 1) {
+    target[0] = float(label);
+    return;
+  }
+  std::fill_n(target, k, 0.0f);
+  target[label] = 1.0f;
+}
+
+void gather_targets(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
+                    float* y) {
+  for (std::size_t i = 0; i < indices.size(); ++i) {
+    const std::size_t row = held_row(data, indices[i]);
+    if (data.has_labels()) {
+      label_target(data.labels[row], k, y + i * k);
+    } else {
+      std::copy_n(data.targets.data() + row * k, k, y + i * k);
+    }
+  }
+}
+
 void gather(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
             float* x, float* y) {
   SP_CHECK(!data.streamed, data.source, ": a streamed data set holds no rows to copy");
   for (std::size_t i = 0; i < indices.size(); ++i) {
-    const std::size_t row = indices[i] - data.first;
-    SP_CHECK(indices[i] >= data.first && row < data.rows, "row ", indices[i],
-             " is not among the rows this rank holds [", data.first, ", ",
-             data.first + data.rows, ")");
+    const std::size_t row = held_row(data, indices[i]);
     std::copy_n(data.features.data() + row * data.cols, data.cols, x + i * data.cols);
-    float* target = y + i * k;
-    if (!data.has_labels()) {
-      std::copy_n(data.targets.data() + row * k, k, target);
-    } else if (k == 1) {
-      target[0] = float(data.labels[row]);
-    } else {
-      std::fill_n(target, k, 0.0f);
-      target[data.labels[row]] = 1.0f;
-    }
   }
+  gather_targets(data, indices, k, y);
 }
 
 void epoch_permutation(std::size_t n, std::uint64_t seed, std::uint64_t epoch,

@@ -107,19 +107,13 @@ void RowExchange::finish(std::span<const std::uint32_t> batch, float* x, float* 
     const float* row = recv_.data() + cursor_[q];
     cursor_[q] += width_;
     std::copy_n(row, data_.cols, x + i * data_.cols);
-    float* target = y + i * k_;
     if (!data_.has_labels()) {
-      std::copy_n(row + data_.cols, k_, target);
+      std::copy_n(row + data_.cols, k_, y + i * k_);
       continue;
     }
     std::int32_t label = 0;
     std::memcpy(&label, row + data_.cols, sizeof label);
-    if (k_ == 1) {
-      target[0] = float(label);
-    } else {
-      std::fill_n(target, k_, 0.0f);
-      target[label] = 1.0f;
-    }
+    label_target(label, k_, y + i * k_);
   }
 }
 

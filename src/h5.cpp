@@ -121,11 +121,29 @@ Handle open_dataset(hid_t file, const std::string& name, const std::string& file
   return Handle(H5Dopen2(file, name.c_str(), access.get()), H5Dclose, what);
 }
 
-std::vector<hsize_t> chunk_dims(hid_t dataset, const std::string& what) {
+namespace {
+
+// A dataset's storage layout.
+H5D_layout_t layout_of(hid_t dataset, const std::string& what) {
   Handle create(H5Dget_create_plist(dataset), H5Pclose, what + ": H5Dget_create_plist");
   const H5D_layout_t layout = H5Pget_layout(create.get());
   SP_CHECK(layout >= 0, what, ": reading the layout failed");
-  if (layout != H5D_CHUNKED) return {};
+  return layout;
+}
+
+// Whether a dataset's values are stored as `mem_type` holds them.
+bool stored_as(hid_t dataset, hid_t mem_type, const std::string& what) {
+  Handle type(H5Dget_type(dataset), H5Tclose, what + ": reading the type");
+  const htri_t same = H5Tequal(type.get(), mem_type);
+  SP_CHECK(same >= 0, what, ": comparing types failed");
+  return same > 0;
+}
+
+}  // namespace
+
+std::vector<hsize_t> chunk_dims(hid_t dataset, const std::string& what) {
+  if (layout_of(dataset, what) != H5D_CHUNKED) return {};
+  Handle create(H5Dget_create_plist(dataset), H5Pclose, what + ": H5Dget_create_plist");
   hsize_t dims[8];
   const int rank = H5Pget_chunk(create.get(), 8, dims);
   SP_CHECK(rank > 0, what, ": reading the chunk shape failed");
@@ -133,25 +151,20 @@ std::vector<hsize_t> chunk_dims(hid_t dataset, const std::string& what) {
 }
 
 bool raw_chunks_are(hid_t dataset, hid_t mem_type, const std::string& what) {
+  if (layout_of(dataset, what) != H5D_CHUNKED) return false;
   Handle create(H5Dget_create_plist(dataset), H5Pclose, what + ": H5Dget_create_plist");
-  if (H5Pget_layout(create.get()) != H5D_CHUNKED) return false;
   const int filters = H5Pget_nfilters(create.get());
   SP_CHECK(filters >= 0, what, ": reading the filters failed");
-  Handle type(H5Dget_type(dataset), H5Tclose, what + ": reading the type");
-  const htri_t same = H5Tequal(type.get(), mem_type);
-  SP_CHECK(same >= 0, what, ": comparing types failed");
-  return filters == 0 && same > 0;
+  return filters == 0 && stored_as(dataset, mem_type, what);
 }
 
 std::optional<std::uint64_t> raw_offset(hid_t dataset, hid_t mem_type,
                                         const std::string& what) {
-  Handle create(H5Dget_create_plist(dataset), H5Pclose, what + ": H5Dget_create_plist");
-  if (H5Pget_layout(create.get()) != H5D_CONTIGUOUS) return std::nullopt;
-  Handle type(H5Dget_type(dataset), H5Tclose, what + ": reading the type");
-  const htri_t same = H5Tequal(type.get(), mem_type);
-  SP_CHECK(same >= 0, what, ": comparing types failed");
+  if (layout_of(dataset, what) != H5D_CONTIGUOUS || !stored_as(dataset, mem_type, what)) {
+    return std::nullopt;
+  }
   const haddr_t offset = H5Dget_offset(dataset);
-  if (same <= 0 || offset == HADDR_UNDEF) return std::nullopt;
+  if (offset == HADDR_UNDEF) return std::nullopt;
   return std::uint64_t(offset);
 }
 

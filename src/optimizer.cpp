@@ -66,9 +66,6 @@ void Optimizer::restore(std::span<const float> state, std::uint64_t steps, std::
   steps_ = steps;
 }
 
-void Optimizer::step(std::span<float> params, std::span<const float> grad) {
-  step(params, grad, 0, size_);
-}
 
 namespace {
 
@@ -95,13 +92,11 @@ void adam_in_place(const float* __restrict g, float* __restrict w, float* __rest
 
 }  // namespace
 
-void Optimizer::step(std::span<float> params, std::span<const float> grad, std::size_t begin,
-                     std::size_t end) {
-  SP_CHECK(begin <= end && end <= size_, "optimizer share out of range");
+void Optimizer::step(std::span<float> params, std::span<const float> grad) {
   // Elementwise updates: the split into blocks cannot change any result.
   constexpr std::size_t kBlock = 1 << 14;
   step(params, grad, [&](Update update) {
-    oneapi::tbb::parallel_for(oneapi::tbb::blocked_range<std::size_t>(begin, end, kBlock),
+    oneapi::tbb::parallel_for(oneapi::tbb::blocked_range<std::size_t>(0, size_, kBlock),
                               [&](const auto& r) { update(r.begin(), r.end()); });
   });
 }

@@ -66,37 +66,48 @@ int mean_and_probe(const Layout& layout, std::span<const T* const> sums, T* mean
   return -1;
 }
 
+// The first layer that any of the threads found non-finite, or −1.
+class FirstLayer {
+ public:
+  void offer(int layer) {
+    for (int seen = first_.load(); layer >= 0 && layer < seen;) {
+      if (first_.compare_exchange_weak(seen, layer)) break;
+    }
+  }
+  int get() const {
+    const int first = first_.load();
+    return first == std::numeric_limits<int>::max() ? -1 : first;
+  }
+
+ private:
+  std::atomic<int> first_{std::numeric_limits<int>::max()};
+};
+
 // mean_and_probe over `range` in parts for the threads; the first non-finite layer of any.
 template <class T>
 int mean_and_probe_parallel(const Layout& layout, std::span<const T* const> sums, T* mean,
                             Range range, T scale) {
-  std::atomic<int> first{std::numeric_limits<int>::max()};
+  FirstLayer first;
   oneapi::tbb::parallel_for(
       oneapi::tbb::blocked_range<std::size_t>(range.begin, range.end, std::size_t(1) << 15),
       [&](const auto& part) {
-        const int l = mean_and_probe<T>(layout, sums, mean, {part.begin(), part.end()}, scale);
-        for (int seen = first.load(); l >= 0 && l < seen;) {
-          if (first.compare_exchange_weak(seen, l)) break;
-        }
+        first.offer(mean_and_probe<T>(layout, sums, mean, {part.begin(), part.end()}, scale));
       });
-  return first.load() == std::numeric_limits<int>::max() ? -1 : first.load();
+  return first.get();
 }
 
 // mean_and_probe over the blocks of for_gradient_blocks: each thread scales and probes the
 // sums it computed.
 template <class T>
 int mean_and_probe_blocks(const Layout& layout, T* grad, T scale) {
-  std::atomic<int> first{std::numeric_limits<int>::max()};
+  FirstLayer first;
   using Array = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
   for_gradient_blocks(layout, [&](std::size_t l, std::size_t begin, std::size_t end) {
     Array block(grad + begin, Eigen::Index(end - begin));
     block *= scale;
-    if ((block * T(0)).sum() == T(0)) return;
-    for (int seen = first.load(); int(l) < seen;) {
-      if (first.compare_exchange_weak(seen, int(l))) break;
-    }
+    if ((block * T(0)).sum() != T(0)) first.offer(int(l));
   });
-  return first.load() == std::numeric_limits<int>::max() ? -1 : first.load();
+  return first.get();
 }
 
 // `bytes` rounded up to a whole number of 64-byte cache lines: where the next part of a

@@ -14,15 +14,15 @@
 
 namespace shardprop {
 
-RowStream::RowStream(const Dataset& data, std::size_t cache_bytes, bool map) : data_(data) {
+RowStream::RowStream(const Dataset& data, std::size_t cache_bytes, bool map)
+    : data_(data), what_(data.source + ": dataset 'features'") {
   SP_CHECK(data.streamed, "RowStream needs a streamed data set");
   file_ = h5::open_file(data.source);
   features_ = h5::open_dataset(file_.get(), "features", data.source, cache_bytes);
-  dims_ = h5::dataset_info(features_.get(), data.source + ": dataset 'features'").dims;
+  dims_ = h5::dataset_info(features_.get(), what_).dims;
   SP_CHECK(dims_.size() == 2 && dims_[0] == data.rows && dims_[1] == data.cols, data.source,
            ": dataset 'features' is no longer ", data.rows, " × ", data.cols);
-  const std::string what = data.source + ": dataset 'features'";
-  if (const auto offset = h5::raw_offset(features_.get(), H5T_NATIVE_FLOAT, what)) {
+  if (const auto offset = h5::raw_offset(features_.get(), H5T_NATIVE_FLOAT, what_)) {
     file_fd_.fd = ::open(data.source.c_str(), O_RDONLY | O_CLOEXEC);
     SP_CHECK(file_fd_.fd >= 0, data.source, ": cannot open: ", std::strerror(errno));
     offset_ = *offset;
@@ -42,9 +42,9 @@ RowStream::RowStream(const Dataset& data, std::size_t cache_bytes, bool map) : d
     static_cast<void>(::madvise(mapped, map_.bytes, MADV_RANDOM));
     return;
   }
-  const std::vector<hsize_t> chunk = h5::chunk_dims(features_.get(), what);
+  const std::vector<hsize_t> chunk = h5::chunk_dims(features_.get(), what_);
   direct_ = chunk.size() == 2 && chunk[1] == dims_[1] &&
-            h5::raw_chunks_are(features_.get(), H5T_NATIVE_FLOAT, what);
+            h5::raw_chunks_are(features_.get(), H5T_NATIVE_FLOAT, what_);
   if (direct_) {
     chunk_rows_ = chunk[0];
     const std::size_t chunk_bytes = chunk_rows_ * data.cols * sizeof(float);
@@ -63,7 +63,6 @@ RowStream::Mapping::~Mapping() {
 }
 
 void RowStream::read_rows() {
-  const std::string what = data_.source + ": dataset 'features'";
   const std::size_t row_bytes = data_.cols * sizeof(float);
   if (map_.data) {
     for (std::size_t i = 0; i < rows_.size(); ++i) {
@@ -83,7 +82,7 @@ void RowStream::read_rows() {
         const ssize_t n = ::pread(file_fd_.fd, out + done, bytes - done,
                                   off_t(offset_ + rows_[i] * row_bytes + done));
         if (n < 0 && errno == EINTR) continue;
-        SP_CHECK(n > 0, what, ": reading row ", rows_[i] + done / row_bytes, ": ",
+        SP_CHECK(n > 0, what_, ": reading row ", rows_[i] + done / row_bytes, ": ",
                  n < 0 ? std::strerror(errno) : "the file ends early");
         done += std::size_t(n);
       }
@@ -92,7 +91,7 @@ void RowStream::read_rows() {
     return;
   }
   if (!direct_) {
-    h5::read_rows_at(features_.get(), H5T_NATIVE_FLOAT, dims_, rows_, staging_.data(), what);
+    h5::read_rows_at(features_.get(), H5T_NATIVE_FLOAT, dims_, rows_, staging_.data(), what_);
     return;
   }
   const std::size_t d = data_.cols;
@@ -106,7 +105,7 @@ void RowStream::read_rows() {
       offset[0] = hsize_t(chunk) * chunk_rows_;
       // The last chunk of a set whose rows are not a multiple of the chunk's comes whole
       // too (HDF5 stores every chunk full size).
-      h5::read_chunk(features_.get(), offset, rows, what);
+      h5::read_chunk(features_.get(), offset, rows, what_);
       cached_[slot] = chunk;
     }
     std::copy_n(rows + (rows_[i] % chunk_rows_) * d, d, staging_.data() + i * d);
@@ -124,28 +123,15 @@ void RowStream::gather(std::span<const std::uint32_t> indices, std::size_t k, fl
   for (std::size_t i = 0; i < n; ++i) rows_[i] = order_[i].first;
   if (staging_.size() < n * d) staging_.resize(n * d);
   read_rows();
-  const std::string what = data_.source + ": dataset 'features'";
   for (std::size_t i = 0; i < n; ++i) {
     const float* row = staging_.data() + i * d;
     for (std::size_t c = 0; c < d; ++c) {
-      SP_CHECK(std::isfinite(row[c]), what, ": non-finite value ", row[c], " at row ",
+      SP_CHECK(std::isfinite(row[c]), what_, ": non-finite value ", row[c], " at row ",
                order_[i].first, ", column ", c);
     }
     std::copy_n(row, d, x + std::size_t(order_[i].second) * d);
   }
-  // The targets, as gather() makes them, from the labels or targets held in memory.
-  for (std::size_t i = 0; i < n; ++i) {
-    const std::size_t row = indices[i];
-    float* target = y + i * k;
-    if (!data_.has_labels()) {
-      std::copy_n(data_.targets.data() + row * k, k, target);
-    } else if (k == 1) {
-      target[0] = float(data_.labels[row]);
-    } else {
-      std::fill_n(target, k, 0.0f);
-      target[data_.labels[row]] = 1.0f;
-    }
-  }
+  gather_targets(data_, indices, k, y);  // from the labels or targets held in memory
 }
 
 BackgroundTask::BackgroundTask() : thread_([this] { loop(); }) {}

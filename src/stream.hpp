@@ -43,6 +43,7 @@ class RowStream {
   void read_rows();
 
   const Dataset& data_;
+  std::string what_;  // "FILE: dataset 'features'", for errors
   h5::Handle file_, features_;
   std::vector<hsize_t> dims_;
   // A contiguous dataset of raw floats: rows are copied from the file mapped read-only, or

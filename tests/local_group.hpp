@@ -51,11 +51,12 @@ class LocalGroup {
       if (rank_ != root) std::memcpy(data, group_.slots_[std::size_t(root)], bytes);
       group_.barrier_.arrive_and_wait();
     }
-    void alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
-                         std::span<const std::size_t> send_offsets, void* recv,
-                         std::span<const std::size_t> recv_counts,
-                         std::span<const std::size_t> recv_offsets,
-                         std::size_t element) override {
+    // Done at once: wait_alltoallv() has nothing left to wait for.
+    void start_alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
+                               std::span<const std::size_t> send_offsets, void* recv,
+                               std::span<const std::size_t> recv_counts,
+                               std::span<const std::size_t> recv_offsets,
+                               std::size_t element) override {
       const Parts mine{static_cast<const std::byte*>(send), send_counts, send_offsets};
       group_.slots_[std::size_t(rank_)] = const_cast<Parts*>(&mine);
       group_.barrier_.arrive_and_wait();

@@ -58,28 +58,11 @@ class Communicator {
   void broadcast(std::span<T> data, int root) {
     broadcast_bytes(data.data(), data.size_bytes(), root);
   }
-  // Every rank sends send[send_offsets[q], + send_counts[q]) to rank q and receives rank q's
-  // part for it into recv[recv_offsets[q], + recv_counts[q]) (counts and offsets in
-  // elements, one entry per rank; each pair of ranks agrees on the count).
-  template <class T>
-  void alltoallv(std::span<const T> send, std::span<const std::size_t> send_counts,
-                 std::span<const std::size_t> send_offsets, std::span<T> recv,
-                 std::span<const std::size_t> recv_counts,
-                 std::span<const std::size_t> recv_offsets) {
-    SP_CHECK(send_counts.size() == std::size_t(size()) && recv_counts.size() == send_counts.size() &&
-                 send_offsets.size() == send_counts.size() &&
-                 recv_offsets.size() == send_counts.size(),
-             "alltoallv: one count and offset per rank");
-    for (std::size_t q = 0; q < send_counts.size(); ++q) {
-      SP_CHECK(send_offsets[q] + send_counts[q] <= send.size() &&
-                   recv_offsets[q] + recv_counts[q] <= recv.size(),
-               "alltoallv: a part lies outside its buffer");
-    }
-    alltoallv_bytes(send.data(), send_counts, send_offsets, recv.data(), recv_counts,
-                    recv_offsets, sizeof(T));
-  }
-  // The same, started: finished by wait_alltoallv(); progress() advances it meanwhile. The
-  // buffers and counts must stay untouched until then. One at a time.
+  // Starts an exchange in which every rank sends send[send_offsets[q], + send_counts[q]) to
+  // rank q and receives rank q's part for it into recv[recv_offsets[q], + recv_counts[q])
+  // (counts and offsets in elements, one entry per rank; each pair of ranks agrees on the
+  // count). wait_alltoallv() finishes it; progress() advances it meanwhile. The buffers and
+  // counts must stay untouched until then. One at a time.
   template <class T>
   void start_alltoallv(std::span<const T> send, std::span<const std::size_t> send_counts,
                        std::span<const std::size_t> send_offsets, std::span<T> recv,
@@ -126,19 +109,13 @@ class Communicator {
     allreduce(data, count, type, op);
   }
   virtual void broadcast_bytes(void* data, std::size_t bytes, int root) = 0;
-  // alltoallv of elements of `element` bytes; alone, a copy.
-  virtual void alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
-                               std::span<const std::size_t> send_offsets, void* recv,
-                               std::span<const std::size_t> recv_counts,
-                               std::span<const std::size_t> recv_offsets, std::size_t element);
-  // By default the blocking one, done at once.
+  // start_alltoallv of elements of `element` bytes. By default (one rank alone) a copy,
+  // done at once.
   virtual void start_alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
                                      std::span<const std::size_t> send_offsets, void* recv,
                                      std::span<const std::size_t> recv_counts,
                                      std::span<const std::size_t> recv_offsets,
-                                     std::size_t element) {
-    alltoallv_bytes(send, send_counts, send_offsets, recv, recv_counts, recv_offsets, element);
-  }
+                                     std::size_t element);
 
  private:
   const char* phase_what_ = nullptr;
@@ -209,10 +186,6 @@ class MpiComm final : public Communicator {
   void allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op) override;
   void start_allreduce(void* data, std::size_t count, MPI_Datatype type, MPI_Op op) override;
   void broadcast_bytes(void* data, std::size_t bytes, int root) override;
-  void alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
-                       std::span<const std::size_t> send_offsets, void* recv,
-                       std::span<const std::size_t> recv_counts,
-                       std::span<const std::size_t> recv_offsets, std::size_t element) override;
   void start_alltoallv_bytes(const void* send, std::span<const std::size_t> send_counts,
                              std::span<const std::size_t> send_offsets, void* recv,
                              std::span<const std::size_t> recv_counts,
@@ -220,11 +193,6 @@ class MpiComm final : public Communicator {
                              std::size_t element) override;
 
  private:
-  // exchange_ from the counts and offsets, in bytes.
-  void byte_counts(std::span<const std::size_t> send_counts,
-                   std::span<const std::size_t> send_offsets,
-                   std::span<const std::size_t> recv_counts,
-                   std::span<const std::size_t> recv_offsets, std::size_t element);
   void release() noexcept;
   // Waits for `requests`, or throws CollectiveTimeout once the timeout has passed.
   void complete(std::span<MPI_Request> requests, const char* what);

@@ -104,6 +104,12 @@ void check_fits(const Dataset& data, const ModelSpec& spec, const std::string& n
 // the label itself for K = 1, or the stored target rows.
 void gather(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
             float* x, float* y);
+// The targets alone, as gather() writes them into y (also of a streamed set, which holds
+// every row's labels or targets).
+void gather_targets(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
+                    float* y);
+// The target row of class `label` for k outputs: the label itself for k = 1, else one-hot.
+void label_target(std::int32_t label, std::size_t k, float* target);
 
 // The order of the training samples in epoch `epoch`: a permutation of [0, n) drawn from
 // (seed, epoch) alone, so it is the same on every rank and for every rank count.

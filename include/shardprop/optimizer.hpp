@@ -39,13 +39,12 @@ class Optimizer {
   Optimizer& operator=(const Optimizer&) = delete;
 
   // Applies one update with the mean gradient `grad` (same layout as params), in place, to
-  // every parameter or to those in [begin, end) (the rest is another rank's share).
+  // every parameter.
   void step(std::span<float> params, std::span<const float> grad);
-  void step(std::span<float> params, std::span<const float> grad, std::size_t begin,
-            std::size_t end);
-  // One step in place over ranges the caller lays out: for_runs(update) calls
-  // update(begin, end) on disjoint ranges that cover the parameters to update, from any of
-  // its threads (so the caller decides which thread updates which values).
+  // The same over ranges the caller lays out: for_runs(update) calls update(begin, end) on
+  // disjoint ranges that cover the parameters to update (all, or this rank's share, the
+  // rest being other ranks'), from any of its threads (so the caller decides which thread
+  // updates which values).
   using Update = FunctionRef<std::size_t, std::size_t>;
   void step(std::span<float> params, std::span<const float> grad, FunctionRef<Update> for_runs);
 
