@@ -50,10 +50,11 @@ void Reporter::on_progress(const Progress& p) {
   constexpr int kWidth = 24;
   const int filled = int(kWidth * p.batch / p.batches);
   // Both estimates at this epoch's pace so far; the run's leaves out the evaluations.
-  std::printf("\repoch %llu/%llu [%-*s] %llu/%llu loss %.4f  %s samples/s  ETA epoch %s, run %s ",
+  std::printf("\repoch %llu/%llu [%-*s] %llu/%llu loss %.4f  lr %.3g  %s samples/s  ETA epoch "
+              "%s, run %s ",
               (unsigned long long)p.epoch, (unsigned long long)p.epochs, kWidth,
               std::string(std::size_t(filled), '#').c_str(), (unsigned long long)p.batch,
-              (unsigned long long)p.batches, p.running_loss,
+              (unsigned long long)p.batches, p.running_loss, p.lr,
               thousands(std::uint64_t(p.samples_per_s)).c_str(),
               clock_time(double(p.batches - p.batch) * p.step_seconds).c_str(),
               clock_time(double(p.total_steps - p.step) * p.step_seconds).c_str());
@@ -70,8 +71,12 @@ void Reporter::on_epoch(const EpochStats& s) {
   std::printf("epoch %3llu/%llu  step %7llu  train_loss %.4f  train_acc %.4f",
               (unsigned long long)s.epoch, (unsigned long long)s.epochs,
               (unsigned long long)s.step, s.train.loss, s.train.accuracy);
+  if (s.has_val) {
+    std::printf("  val_loss %.4f  val_acc %.4f%s", s.val.loss, s.val.accuracy, s.best ? "*" : " ");
+  }
   if (s.has_test) std::printf("  test_loss %.4f  test_acc %.4f", s.test.loss, s.test.accuracy);
-  std::printf("  samples/s %8.0f  %.2fs\n", s.samples_per_s, s.seconds);
+  if (s.clipped > 0) std::printf("  clipped %llu", (unsigned long long)s.clipped);
+  std::printf("  lr %.3g  samples/s %8.0f  %.2fs\n", s.lr, s.samples_per_s, s.seconds);
   std::fflush(stdout);
   if (metrics_.is_open()) {
     metrics_ << metrics_json(s, ranks_, threads_) << '\n';
@@ -88,6 +93,11 @@ void Reporter::on_checkpoint(const std::string& path) {
   std::fflush(stdout);
 }
 
+void Reporter::on_best(const std::string& path) {
+  if (!speak_ || path.empty()) return;
+  best_path_ = path;
+}
+
 void Reporter::on_save(const std::string& path) {
   if (!speak_ || path.empty()) return;
   clear_line();
@@ -97,12 +107,31 @@ void Reporter::on_save(const std::string& path) {
 
 namespace {
 
+// "cosine decay, 100 warmup steps, scaled by batch 256/128" for the header and `info`.
+std::string schedule_text(const Settings& s) {
+  std::string text;
+  const auto add = [&](const std::string& part) { text += (text.empty() ? "" : ", ") + part; };
+  if (s.lr_schedule == "cosine" || s.lr_schedule == "linear") add(s.lr_schedule + " decay");
+  if (s.lr_schedule == "step") {
+    add("times " + format_setting(setting("--lr-decay"), s) + " every " + s.lr_milestones +
+        " epochs");
+  }
+  if (s.lr_schedule == "multistep") {
+    add("times " + format_setting(setting("--lr-decay"), s) + " at epochs " + s.lr_milestones);
+  }
+  if (s.warmup_steps > 0) add(count_of(s.warmup_steps, "warmup step"));
+  if (s.lr_scale_batch > 0) {
+    add("scaled by batch " + std::to_string(s.batch) + "/" + std::to_string(s.lr_scale_batch));
+  }
+  return text.empty() ? text : " (" + text + ")";
+}
+
 void print_optimizer(const Settings& s) {
-  std::printf("  optimizer  %s lr %g%s", s.optimizer.c_str(), s.lr,
-              s.lr_schedule == "cosine" ? " (cosine decay)" : "");
+  std::printf("  optimizer  %s lr %g%s", s.optimizer.c_str(), s.lr, schedule_text(s).c_str());
   if (s.optimizer == "sgd") std::printf(" momentum %g", s.momentum);
   if (s.optimizer == "adam") std::printf(" beta1 %g beta2 %g eps %g", s.beta1, s.beta2, s.eps);
   if (s.weight_decay > 0) std::printf(" weight_decay %g", s.weight_decay);
+  if (s.clip_norm > 0) std::printf(" clip_norm %g", s.clip_norm);
 }
 
 std::string ranks_text(std::int64_t ranks, std::int64_t threads) {
@@ -137,6 +166,19 @@ void print_run_header(const RunHeader& run, const Trainer& trainer, const Datase
   if (test) {
     std::printf("  test       %s: %s samples x %zu features%s\n", s.test.c_str(),
                 thousands(test->global_rows()).c_str(), test->cols, held(*test).c_str());
+  }
+  const std::string patience =
+      s.early_stop_patience > 0
+          ? ", stopping after " + count_of(s.early_stop_patience, "epoch") + " without a better " +
+                s.monitor
+          : ", best by " + s.monitor;
+  if (run.val) {
+    std::printf("  val        %s: %s samples%s%s\n", s.val.c_str(),
+                thousands(run.val->global_rows()).c_str(), held(*run.val).c_str(),
+                patience.c_str());
+  } else if (!trainer.held_out().empty()) {
+    std::printf("  val        %s samples of the training set held out (--val-fraction %g)%s\n",
+                thousands(trainer.held_out().size()).c_str(), s.val_fraction, patience.c_str());
   }
   std::size_t fewest = s.batch, most = 0;
   for (int r = 0; r < run.ranks; ++r) {
@@ -229,6 +271,13 @@ void print_checkpoint(const std::string& path, const Checkpoint& c) {
     std::printf("  mode       deterministic, chunks of %llu rows\n", (unsigned long long)s.chunk);
   } else {
     std::printf("  mode       default (sums follow the ranks)\n");
+  }
+  if (c.state.best_epoch > 0) {
+    const bool acc = s.monitor == "val_acc";
+    std::printf("  best       epoch %llu: %s %.6g; %s since\n",
+                (unsigned long long)c.state.best_epoch, s.monitor.c_str(),
+                acc ? -c.state.best_metric : c.state.best_metric,
+                count_of(c.state.epochs_without_improvement, "epoch").c_str());
   }
   std::printf("  written by %s\n", ranks_text(c.world_size, c.threads).c_str());
   std::printf("  settings  ");

@@ -31,6 +31,9 @@ class Reporter final : public TrainObserver {
   void on_epoch(const EpochStats& s) override;
   void on_checkpoint(const std::string& path) override;
   void on_save(const std::string& path) override;
+  void on_best(const std::string& path) override;
+  // The best.h5 written last (rank 0), or "".
+  const std::string& best_path() const { return best_path_; }
   // The newest checkpoint written (rank 0), or "".
   const std::string& last_checkpoint() const { return last_checkpoint_; }
   // Clears the progress line before other output.
@@ -41,7 +44,7 @@ class Reporter final : public TrainObserver {
   int ranks_, threads_;
   std::ofstream metrics_;
   std::string metrics_path_;
-  std::string last_checkpoint_;
+  std::string last_checkpoint_, best_path_;
   std::chrono::steady_clock::time_point last_{};
 };
 
@@ -50,6 +53,7 @@ class Reporter final : public TrainObserver {
 struct RunHeader {
   int ranks = 1, threads = 1, cores = 1;  // cores: what this rank may run on
   std::string gemm;                       // the matrix-product backend
+  const Dataset* val = nullptr;           // --val's set
 };
 void print_run_header(const RunHeader& run, const Trainer& trainer, const Dataset* test,
                       const Checkpointer& checkpointer);

@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/task_arena.h>
 #include <optional>
@@ -71,7 +72,7 @@ int run_train(const Settings& cli, const GivenFlags& given, MpiComm& comm) {
                    why.c_str());
     }
   }
-  Dataset train, test;
+  Dataset train, test, val;
   collective_check(comm, [&] {
     SP_CHECK_USAGE(!s.train.empty(), "--train is required");
     const ModelSpec spec = parse_model(s.layers, s.loss);
@@ -97,6 +98,10 @@ int run_train(const Settings& cli, const GivenFlags& given, MpiComm& comm) {
       test = read_dataset(s.test, true, block(s.deterministic_chunk()));
       check_fits(test, spec, s.test);
     }
+    if (!s.val.empty()) {
+      val = read_dataset(s.val, true, block(s.deterministic_chunk()));
+      check_fits(val, spec, s.val);
+    }
   });
 
   // --threads is honoured as given: the arena has that many slots even where mpirun bound
@@ -114,9 +119,10 @@ int run_train(const Settings& cli, const GivenFlags& given, MpiComm& comm) {
       if (const auto& c = checkpointer.resumed()) trainer->restore(*c);
     });
     const Dataset* test_set = s.test.empty() ? nullptr : &test;
+    const Dataset* val_set = s.val.empty() ? nullptr : &val;
     if (speak) {
-      print_run_header({comm.size(), threads, cores_here(), gemm_backend()}, *trainer, test_set,
-                       checkpointer);
+      print_run_header({comm.size(), threads, cores_here(), gemm_backend(), val_set}, *trainer,
+                       test_set, checkpointer);
     }
     // Open MPI hands its ranks a pseudo-terminal even when mpirun's own output is a file, so
     // under mpirun "auto" cannot see the real terminal; launch scripts pass always/never.
@@ -134,7 +140,22 @@ int run_train(const Settings& cli, const GivenFlags& given, MpiComm& comm) {
                   count_of(trainer->state().epoch, "epoch").c_str(),
                   std::to_string(s.epochs).c_str());
     }
-    trainer->run(test_set, *reporter, &checkpointer);
+    trainer->run(test_set, *reporter, &checkpointer, val_set);
+    const TrainState& state = trainer->state();
+    if (speak && state.best_epoch > 0) {
+      const double best = s.monitor == "val_acc" ? -state.best_metric : state.best_metric;
+      std::printf("best: epoch %llu, %s %.4f%s%s\n", (unsigned long long)state.best_epoch,
+                  s.monitor.c_str(), best, checkpointer.writing() ? ", model in " : "",
+                  checkpointer.writing()
+                      ? (std::filesystem::path(s.checkpoint_dir) / "best.h5").c_str()
+                      : "");
+      if (trainer->stopped_early()) {
+        std::printf("stopped early after epoch %llu: %s without a better %s\n",
+                    (unsigned long long)state.epoch,
+                    count_of(state.epochs_without_improvement, "epoch").c_str(),
+                    s.monitor.c_str());
+      }
+    }
     if (const int signal = trainer->stopped_by_signal()) {
       status = kExitStopped;
       if (speak) {

@@ -159,6 +159,10 @@ std::vector<std::byte> encode(const Checkpoint& c) {
   h5::write_attr(root, "step", std::int64_t(c.state.step));
   h5::write_attr(root, "epoch", std::int64_t(c.state.epoch));
   h5::write_attr(root, "batch_in_epoch", std::int64_t(c.state.batch_in_epoch));
+  h5::write_attr(root, "best_metric", c.state.best_metric);
+  h5::write_attr(root, "best_epoch", std::int64_t(c.state.best_epoch));
+  h5::write_attr(root, "epochs_without_improvement",
+                 std::int64_t(c.state.epochs_without_improvement));
   h5::write_attr(root, "world_size", c.world_size);
   h5::write_attr(root, "threads", c.threads);
   h5::write_attr(root, "checksum_crc32", std::int64_t(checkpoint_checksum(c)));
@@ -196,6 +200,15 @@ void read_training_state(hid_t file, const std::string& path, const Layout& layo
   c.state.step = root.count("step");
   c.state.epoch = root.count("epoch");
   c.state.batch_in_epoch = root.count("batch_in_epoch");
+  if (c.format_version >= 5) {
+    c.state.best_metric = root.real("best_metric");
+    c.state.best_epoch = root.count("best_epoch");
+    c.state.epochs_without_improvement = root.count("epochs_without_improvement");
+    SP_CHECK(c.state.best_epoch <= c.state.epoch &&
+                 c.state.epochs_without_improvement <= c.state.epoch,
+             path, ": the best epoch ", c.state.best_epoch, " or the epochs without improvement ",
+             c.state.epochs_without_improvement, " are past the epochs done (", c.state.epoch, ")");
+  }
   c.world_size = root.int64("world_size");
   c.threads = root.int64("threads");
 
@@ -362,7 +375,8 @@ CheckpointDir::CheckpointDir(std::string dir, std::size_t keep) : dir_(std::move
     if (p.extension() != ".tmp") continue;
     const fs::path stem = p.stem();
     std::error_code ignored;
-    if (step_of(stem) != UINT64_MAX || stem.filename() == "latest") fs::remove(p, ignored);
+    if (step_of(stem) != UINT64_MAX || stem.filename() == "latest" ||
+        stem.filename() == "best.h5") fs::remove(p, ignored);
   }
   SP_CHECK(!ec, "--checkpoint-dir ", dir_, ": cannot list: ", ec.message());
 }

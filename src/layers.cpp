@@ -1,6 +1,7 @@
 #include "layers.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/parallel_for.h>
@@ -10,6 +11,7 @@
 #include "fixed_point.hpp"
 #include "gemm.hpp"
 #include "shardprop/data.hpp"
+#include "shardprop/rng.hpp"
 
 namespace shardprop {
 
@@ -323,6 +325,45 @@ void for_gradient_blocks(const Layout& layout,
   });
 }
 
+std::uint64_t dropout_key(std::uint64_t seed, std::uint64_t step, std::size_t layer) {
+  return mix64(mix64(mix64(seed ^ 0x64726f706f7574ULL) + step) + layer);
+}
+
+bool dropout_keeps(std::uint64_t key, std::uint32_t sample, std::size_t unit, double rate) {
+  // The top 32 bits of the draw against rate·2^32: dropped with probability rate (to 2^−32).
+  const auto threshold = std::uint64_t(std::ldexp(rate, 32));
+  return (mix64(mix64(key + sample) + unit) >> 32) >= threshold;
+}
+
+template <class T>
+void dropout_forward(ConstMatrixView<T> a, double rate, std::uint64_t key,
+                     const std::uint32_t* samples, MatrixView<T> mask, MatrixView<T> out) {
+  const T scale = T(1) / T(1 - rate);
+  const auto units = std::size_t(a.cols());
+  for_blocks(std::size_t(a.rows()), block_size(std::size_t(a.rows()), 1, 1),
+             [&](std::size_t r0, std::size_t r1) {
+               for (std::size_t r = r0; r < r1; ++r) {
+                 const auto i = Eigen::Index(r);
+                 for (std::size_t u = 0; u < units; ++u) {
+                   const auto j = Eigen::Index(u);
+                   const T m = dropout_keeps(key, samples[r], u, rate) ? scale : T(0);
+                   mask(i, j) = m;
+                   out(i, j) = a(i, j) * m;
+                 }
+               }
+             });
+}
+
+template <class T>
+void multiply_mask(MatrixView<T> x, ConstMatrixView<T> mask) {
+  for_blocks(std::size_t(x.rows()), block_size(std::size_t(x.rows()), 1, 1),
+             [&](std::size_t r0, std::size_t r1) {
+               const auto rows = Eigen::Index(r1 - r0);
+               x.middleRows(Eigen::Index(r0), rows).array() *=
+                   mask.middleRows(Eigen::Index(r0), rows).array();
+             });
+}
+
 void for_each_chunk(std::size_t chunks, FunctionRef<std::size_t> body) {
   for_blocks(chunks, 1, [&](std::size_t c0, std::size_t c1) {
     for (std::size_t c = c0; c < c1; ++c) body(c);
@@ -341,7 +382,10 @@ void for_each_chunk(std::size_t chunks, FunctionRef<std::size_t> body) {
                                          const std::uint16_t*);                              \
   template void dense_backward_input<T>(ConstMatrixView<T>, ConstMatrixView<T>,                \
                                         ConstMatrixView<T>, Activation, MatrixView<T>,         \
-                                        std::size_t, ChunkScratch<T>&);
+                                        std::size_t, ChunkScratch<T>&);        \
+  template void dropout_forward<T>(ConstMatrixView<T>, double, std::uint64_t,                  \
+                                   const std::uint32_t*, MatrixView<T>, MatrixView<T>);        \
+  template void multiply_mask<T>(MatrixView<T>, ConstMatrixView<T>);
 SP_INSTANTIATE(float)
 SP_INSTANTIATE(double)
 #undef SP_INSTANTIATE

@@ -64,6 +64,22 @@ void dense_forward_bf16(ConstMatrixView<float> x, const std::uint16_t* x_bf16,
 void dense_backward_input_bf16(ConstMatrixView<float> delta, const std::uint16_t* delta_bf16,
                                const std::uint16_t* w_bf16, ConstMatrixView<float> a_prev,
                                Activation act_prev, MatrixView<float> dx, std::uint16_t* dx_bf16);
+// The key of a layer's dropout masks in one optimizer step of a run.
+std::uint64_t dropout_key(std::uint64_t seed, std::uint64_t step, std::size_t layer);
+// Whether unit `unit` of sample `sample` is kept, at `rate` (the drop probability), under
+// `key`: a counter-based draw, so it depends on these numbers alone, not on the rank or the
+// thread that asks.
+bool dropout_keeps(std::uint64_t key, std::uint32_t sample, std::size_t unit, double rate);
+// Inverted dropout of a hidden layer's activations a (rows, units), row i being sample
+// samples[i]: writes mask (each unit's factor: 0, or 1/(1 − rate) if dropout_keeps) and
+// out = a ⊙ mask. Elementwise, so the same bits for any threads.
+template <class T>
+void dropout_forward(ConstMatrixView<T> a, double rate, std::uint64_t key,
+                     const std::uint32_t* samples, MatrixView<T> mask, MatrixView<T> out);
+// x ⊙= mask (the backward pass through dropout).
+template <class T>
+void multiply_mask(MatrixView<T> x, ConstMatrixView<T> mask);
+
 // Rounds a row-major matrix to bfloat16 (in parallel): out has m.size() elements.
 void round_bf16(ConstMatrixView<float> m, std::uint16_t* out);
 

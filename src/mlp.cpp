@@ -35,6 +35,10 @@ struct Mlp<T>::Workspace {
   std::vector<AlignedVector<std::uint16_t>> acts16;  // per hidden layer: (rows, out)
   AlignedVector<std::uint16_t> delta16[2];           // like delta
   std::vector<AlignedVector<std::uint16_t>> w16;     // per layer: (in, out)
+  // Dropout, per hidden layer that drops: each unit's factor (0 or 1/(1 − rate)) and the
+  // activations times it, the next layer's input while a training pass runs.
+  std::vector<AlignedVector<T>> mask, dropped;
+  bool dropping = false;  // the current pass applies dropout
 };
 
 template <class T>
@@ -55,6 +59,8 @@ Mlp<T>::Mlp(ModelSpec spec, std::size_t chunk, Precision precision)
     for (const LayerSpec& layer : spec_.layers) ws_->w16.emplace_back(layer.in * layer.out);
   }
   ws_->acts.resize(spec_.layers.size());
+  ws_->mask.resize(spec_.layers.size());
+  ws_->dropped.resize(spec_.layers.size());
   ws_->chunk_sums.resize(1);  // an empty batch still has its one (empty) chunk
 }
 
@@ -74,6 +80,11 @@ void Mlp<T>::reserve(std::size_t rows, bool backward) {
   }
   if (backward && rows > ws_->backward_capacity) {
     for (auto& d : ws_->delta) d.resize(rows * widest);
+    for (std::size_t l = 0; l < spec_.layers.size(); ++l) {
+      if (spec_.layers[l].dropout == 0) continue;
+      ws_->mask[l].resize(rows * spec_.layers[l].out);
+      ws_->dropped[l].resize(rows * spec_.layers[l].out);
+    }
     if (precision_ == Precision::bf16) {
       for (auto& d : ws_->delta16) d.resize(rows * widest);
     }
@@ -103,8 +114,9 @@ MatrixView<T> Mlp<T>::activation(std::size_t layer, std::size_t rows) {
 template <class T>
 ConstMatrixView<T> Mlp<T>::input_of(std::size_t layer, ConstMatrixView<T> x, std::size_t rows) {
   if (layer == 0) return x;
-  return ConstMatrixView<T>(ws_->acts[layer - 1].data(), Eigen::Index(rows),
-                            Eigen::Index(spec_.layers[layer].in));
+  const bool dropped = ws_->dropping && spec_.layers[layer - 1].dropout > 0;
+  return ConstMatrixView<T>((dropped ? ws_->dropped : ws_->acts)[layer - 1].data(),
+                            Eigen::Index(rows), Eigen::Index(spec_.layers[layer].in));
 }
 
 template <class T>
@@ -113,13 +125,25 @@ const std::uint16_t* Mlp<T>::input_bf16_of(std::size_t layer) const {
 }
 
 template <class T>
-void Mlp<T>::forward(std::span<const T> params, ConstMatrixView<T> x) {
+void Mlp<T>::forward(std::span<const T> params, ConstMatrixView<T> x, const DropoutKeys* dropout) {
   SP_CHECK(params.size() == layout_.size(), "parameter buffer has ", params.size(),
            " elements, the model needs ", layout_.size());
   SP_CHECK(std::size_t(x.cols()) == spec_.input_width(), "input has ", x.cols(),
            " features, the model expects ", spec_.input_width());
   const auto rows = static_cast<std::size_t>(x.rows());
-  reserve(rows, false);
+  ws_->dropping = dropout && spec_.has_dropout();
+  reserve(rows, ws_->dropping);
+  // A hidden layer that drops units: its masked activations become the next layer's input.
+  const auto drop = [&](std::size_t l) {
+    const double rate = spec_.layers[l].dropout;
+    if (!ws_->dropping || rate == 0) return false;
+    const auto units = Eigen::Index(spec_.layers[l].out);
+    const MatrixView<T> a = activation(l, rows);
+    dropout_forward<T>(ConstMatrixView<T>(a.data(), a.rows(), a.cols()), rate, dropout_key(dropout->seed, dropout->step, l),
+                       dropout->samples, MatrixView<T>(ws_->mask[l].data(), Eigen::Index(rows), units),
+                       MatrixView<T>(ws_->dropped[l].data(), Eigen::Index(rows), units));
+    return true;
+  };
   if constexpr (std::is_same_v<T, float>) {
     if (precision_ == Precision::bf16) {
       round_bf16(x, ws_->x16.data());
@@ -131,6 +155,8 @@ void Mlp<T>::forward(std::span<const T> params, ConstMatrixView<T> x) {
                            layout_.bias(params, l),
                            output ? Activation::identity : spec_.layers[l].activation,
                            activation(l, rows), output ? nullptr : ws_->acts16[l].data());
+        // The next product's operand is the rounding of the masked activations.
+        if (!output && drop(l)) round_bf16(input_of(l + 1, x, rows), ws_->acts16[l].data());
       }
       return;
     }
@@ -142,12 +168,13 @@ void Mlp<T>::forward(std::span<const T> params, ConstMatrixView<T> x) {
     const Activation act = output ? Activation::identity : spec_.layers[l].activation;
     dense_forward<T>(input_of(l, x, rows), layout_.weights(params, l), layout_.bias(params, l),
                      act, activation(l, rows), chunk_, ws_->scratch);
+    if (!output) drop(l);
   }
 }
 
 template <class T>
 ConstMatrixView<T> Mlp<T>::predict(std::span<const T> params, ConstMatrixView<T> x) {
-  forward(params, x);
+  forward(params, x, nullptr);
   auto out = activation(spec_.layers.size() - 1, std::size_t(x.rows()));
   output_activation<T>(spec_.loss, out);
   return ConstMatrixView<T>(out.data(), out.rows(), out.cols());
@@ -155,10 +182,10 @@ ConstMatrixView<T> Mlp<T>::predict(std::span<const T> params, ConstMatrixView<T>
 
 template <class T>
 std::span<const LossSums> Mlp<T>::losses(std::span<const T> params, ConstMatrixView<T> x,
-                                         ConstMatrixView<T> y) {
+                                         ConstMatrixView<T> y, const DropoutKeys* dropout) {
   SP_CHECK(y.rows() == x.rows() && std::size_t(y.cols()) == spec_.output_width(), "targets are ",
            y.rows(), "x", y.cols(), ", expected ", x.rows(), "x", spec_.output_width());
-  forward(params, x);
+  forward(params, x, dropout);
   const auto rows = std::size_t(x.rows());
   const std::span<LossSums> sums(ws_->chunk_sums.data(), chunk_count(rows, chunk_));
   output_loss_chunks<T>(spec_.loss, activation(spec_.layers.size() - 1, rows), y, nullptr,
@@ -168,13 +195,15 @@ std::span<const LossSums> Mlp<T>::losses(std::span<const T> params, ConstMatrixV
 
 template <class T>
 void Mlp<T>::forward_backward(std::span<const T> params, ConstMatrixView<T> x,
-                              ConstMatrixView<T> y, GradReducer<T>& reducer) {
+                              ConstMatrixView<T> y, GradReducer<T>& reducer,
+                              const DropoutKeys* dropout) {
   SP_CHECK(reducer.chunk() == chunk_, "the reducer's chunk (", reducer.chunk(),
            ") is not the model's (", chunk_, ")");
   SP_CHECK(y.rows() == x.rows() && std::size_t(y.cols()) == spec_.output_width(), "targets are ",
            y.rows(), "x", y.cols(), ", expected ", x.rows(), "x", spec_.output_width());
+  SP_CHECK(dropout || !spec_.has_dropout(), "a model with dropout trains with dropout keys");
   reserve(std::size_t(x.rows()), true);
-  forward(params, x);
+  forward(params, x, dropout);
   const auto rows = static_cast<std::size_t>(x.rows());
   const std::size_t last = spec_.layers.size() - 1;
 
@@ -200,19 +229,34 @@ void Mlp<T>::forward_backward(std::span<const T> params, ConstMatrixView<T> x,
     if (l > 0) {  // δ of the layer below
       const MatrixView<T> dx(ws_->delta[1 - current].data(), Eigen::Index(rows),
                              Eigen::Index(layer.in));
+      // The activation's derivative is taken at the unmasked activations; then the mask
+      // (d(A ⊙ m)/dA = m, elementwise, so the order does not matter).
+      const double rate = spec_.layers[l - 1].dropout;
+      const ConstMatrixView<T> below(ws_->acts[l - 1].data(), Eigen::Index(rows),
+                                     Eigen::Index(layer.in));
       const auto backward_input = [&] {
         if constexpr (std::is_same_v<T, float>) {
           if (bf16) {
             return dense_backward_input_bf16(delta, ws_->delta16[current].data(),
-                                             ws_->w16[l].data(), input,
+                                             ws_->w16[l].data(), below,
                                              spec_.layers[l - 1].activation, dx,
-                                             ws_->delta16[1 - current].data());
+                                             rate > 0 ? nullptr : ws_->delta16[1 - current].data());
           }
         }
-        dense_backward_input<T>(delta, layout_.weights(params, l), input,
+        dense_backward_input<T>(delta, layout_.weights(params, l), below,
                                 spec_.layers[l - 1].activation, dx, chunk_, ws_->scratch);
       };
       backward_input();
+      if (rate > 0) {
+        multiply_mask<T>(dx, ConstMatrixView<T>(ws_->mask[l - 1].data(), Eigen::Index(rows),
+                                                Eigen::Index(layer.in)));
+        if constexpr (std::is_same_v<T, float>) {
+          if (bf16) {
+            round_bf16(ConstMatrixView<T>(dx.data(), dx.rows(), dx.cols()),
+                       ws_->delta16[1 - current].data());
+          }
+        }
+      }
       reducer.progress();
     }
     current = 1 - current;

@@ -71,19 +71,20 @@ namespace {
 
 // The in-place updates of a run. Each pointer is its own array (the parameters, the
 // gradient and each state vector), which lets the loops run in vector lanes.
+// `gs` scales the gradient (clipping); x·1 is x, so 1 changes nothing.
 void sgd_in_place(const float* __restrict g, float* __restrict w, float* __restrict m,
-                  std::size_t count, float lr, float wd, float mu) {
+                  std::size_t count, float lr, float wd, float mu, float gs) {
   for (std::size_t i = 0; i < count; ++i) {
-    m[i] = mu * m[i] + (g[i] + wd * w[i]);
+    m[i] = mu * m[i] + (g[i] * gs + wd * w[i]);
     w[i] -= lr * m[i];
   }
 }
 
 void adam_in_place(const float* __restrict g, float* __restrict w, float* __restrict m,
                    float* __restrict v, std::size_t count, float lr, float wd, float b1, float b2,
-                   float eps, float c1, float c2) {
+                   float eps, float c1, float c2, float gs) {
   for (std::size_t i = 0; i < count; ++i) {
-    const float gi = g[i] + wd * w[i];
+    const float gi = g[i] * gs + wd * w[i];
     m[i] = b1 * m[i] + (1 - b1) * gi;
     v[i] = b2 * v[i] + (1 - b2) * gi * gi;
     w[i] -= lr * (m[i] * c1) / (std::sqrt(v[i] * c2) + eps);
@@ -106,7 +107,7 @@ void Optimizer::step(std::span<float> params, std::span<const float> grad,
   SP_CHECK(params.size() == size_ && grad.size() >= size_, "optimizer sized for ", size_,
            " parameters got ", params.size());
   ++steps_;
-  const auto lr = float(config_.lr), wd = float(config_.weight_decay);
+  const auto lr = float(config_.lr), wd = float(config_.weight_decay), gs = grad_scale_;
   float* w = params.data();
   const float* g = grad.data();
   float* m = state_.data();
@@ -115,7 +116,7 @@ void Optimizer::step(std::span<float> params, std::span<const float> grad,
     const auto mu = float(config_.momentum);
     for_runs([&](std::size_t begin, std::size_t end) {
       SP_CHECK(begin <= end && end <= size, "optimizer run out of range");
-      sgd_in_place(g + begin, w + begin, m + begin, end - begin, lr, wd, mu);
+      sgd_in_place(g + begin, w + begin, m + begin, end - begin, lr, wd, mu, gs);
     });
   } else {
     float* v = m + size_;
@@ -126,7 +127,7 @@ void Optimizer::step(std::span<float> params, std::span<const float> grad,
     for_runs([&](std::size_t begin, std::size_t end) {
       SP_CHECK(begin <= end && end <= size, "optimizer run out of range");
       adam_in_place(g + begin, w + begin, m + begin, v + begin, end - begin, lr, wd, b1, b2, eps,
-                    c1, c2);
+                    c1, c2, gs);
     });
   }
 }
@@ -219,6 +220,28 @@ bool Optimizer::update_share(std::span<const float* const> sums, float scale,
         }
       });
   return !nonfinite;
+}
+
+std::size_t norm_parts(std::size_t size) { return (size + 4095) / 4096; }
+
+double global_norm(std::span<const float> grad, std::span<double> parts) {
+  constexpr std::size_t kBlock = 4096;
+  const std::size_t blocks = norm_parts(grad.size());
+  SP_CHECK(parts.size() >= blocks, "global_norm needs ", blocks, " partial sums");
+  oneapi::tbb::parallel_for(oneapi::tbb::blocked_range<std::size_t>(0, blocks, 4),
+                            [&](const auto& r) {
+                              for (std::size_t k = r.begin(); k < r.end(); ++k) {
+                                const std::size_t end = std::min(grad.size(), (k + 1) * kBlock);
+                                double sum = 0;
+                                for (std::size_t i = k * kBlock; i < end; ++i) {
+                                  sum += double(grad[i]) * double(grad[i]);
+                                }
+                                parts[k] = sum;
+                              }
+                            });
+  double total = 0;
+  for (std::size_t k = 0; k < blocks; ++k) total += parts[k];
+  return std::sqrt(total);
 }
 
 void Optimizer::adopt(std::span<float> state) {

@@ -562,6 +562,9 @@ class FixedPointReducer final : public GradReducer<float> {
   void shared_written() override {
     if (memory_) meet("the parameters' update");
   }
+  void whole_gradient() override {
+    if (memory_) meet("the mean gradient's shares");
+  }
 
   // The chunks' losses added in fixed point and the counts as integers: the same bits for
   // any ranks and threads.

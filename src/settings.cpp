@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "shardprop/error.hpp"
+#include "shardprop/schedule.hpp"
 #include "shardprop/spec.hpp"
 
 namespace shardprop {
@@ -17,8 +18,9 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNone = -kInf;  // no lower bound
 
 // Checkpoint format version 3 added the settings that version 2 did not store, 4 the
-// precision.
-constexpr int v2 = 2, v3 = 3, v4 = 4;
+// precision, 5 the training recipe (schedules, clipping, validation and early
+// stopping).
+constexpr int v2 = 2, v3 = 3, v4 = 4, v5 = 5;
 
 // clang-format off
 const SettingSpec kTable[] = {
@@ -44,8 +46,25 @@ const SettingSpec kTable[] = {
    R::fixed, "/optimizer/kind", v2, "sgd|adam", kNone, false, kInf, false},
   {"--lr", &Settings::lr, "Learning rate",
    R::restored, "/optimizer/lr", v2, nullptr, 0, true, kInf, false},
-  {"--lr-schedule", &Settings::lr_schedule, "constant, or cosine decay to 0 over the run",
-   R::restored, "/train/lr_schedule", v2, "constant|cosine", kNone, false, kInf, false},
+  {"--lr-schedule", &Settings::lr_schedule, "constant; cosine or linear decay to 0 over the "
+   "run; step (times --lr-decay every --lr-milestones epochs) or multistep (times "
+   "--lr-decay at each of the --lr-milestones epochs)",
+   R::restored, "/train/lr_schedule", v2, "constant|cosine|step|multistep|linear", kNone, false,
+   kInf, false},
+  {"--lr-decay", &Settings::lr_decay, "The factor of the step and multistep schedules",
+   R::restored, "/train/lr_decay", v5, nullptr, 0, true, 1, false},
+  {"--lr-milestones", &Settings::lr_milestones, "Epochs, increasing: the period of the step "
+   "schedule (one value) or the multistep schedule's milestones (\"30,60\")",
+   R::restored, "/train/lr_milestones", v5, nullptr, kNone, false, kInf, false},
+  {"--warmup-steps", &Settings::warmup_steps, "Raise the learning rate linearly from 0 over "
+   "the first N steps (with any schedule)", R::restored, "/train/warmup_steps", v5, nullptr, 0,
+   false, kInf, false},
+  {"--lr-scale-batch", &Settings::lr_scale_batch, "The linear scaling rule: --lr is for this "
+   "global batch, and runs with lr × --batch / B0 (0: --lr as given)", R::restored,
+   "/train/lr_scale_batch", v5, nullptr, 0, false, kInf, false},
+  {"--clip-norm", &Settings::clip_norm, "Scale the reduced gradient down to this global norm "
+   "(all layers together) when it is larger; 0: never", R::restored, "/train/clip_norm", v5,
+   nullptr, 0, false, kInf, false},
   {"--momentum", &Settings::momentum, "SGD momentum",
    R::restored, "/optimizer/momentum", v2, nullptr, 0, false, 1, true},
   {"--weight-decay", &Settings::weight_decay, "L2 term wd*w added to every gradient",
@@ -56,6 +75,17 @@ const SettingSpec kTable[] = {
    R::restored, "/optimizer/beta2", v2, nullptr, 0, false, 1, true},
   {"--eps", &Settings::eps, "Adam's epsilon",
    R::restored, "/optimizer/eps", v2, nullptr, 0, true, kInf, false},
+  {"--val", &Settings::val, "Validation set (HDF5), evaluated after every epoch",
+   R::restored, "/train/val_path", v5, nullptr, kNone, false, kInf, false},
+  {"--val-fraction", &Settings::val_fraction, "Hold out this fraction of the training set "
+   "for validation, the same rows for any number of ranks (chosen by --seed)",
+   R::fixed, "/train/val_fraction", v5, nullptr, 0, false, 1, true},
+  {"--early-stop-patience", &Settings::early_stop_patience, "Stop after N epochs without a "
+   "better --monitor value (0: never)", R::restored, "/train/early_stop_patience", v5, nullptr,
+   0, false, kInf, false},
+  {"--monitor", &Settings::monitor, "The validation metric that picks the best model "
+   "(best.h5 in --checkpoint-dir) and early stopping: val_loss or val_acc",
+   R::fixed, "/train/monitor", v5, "val_loss|val_acc", kNone, false, kInf, false},
   {"--deterministic", &Settings::deterministic, "The same bits for any number of ranks and "
    "threads (docs/reproducibility.md)", R::restored, "/train/deterministic", v3, nullptr, kNone,
    false, kInf, false},
@@ -265,6 +295,20 @@ void check_combinations(const Settings& s, const GivenFlags& given) {
                  "need --checkpoint-dir");
   SP_CHECK_USAGE(s.resume != "auto" || !s.checkpoint_dir.empty(),
                  "--resume auto needs --checkpoint-dir");
+  SP_CHECK_USAGE(!has("--val-fraction") || s.val_fraction > 0,
+                 "--val-fraction: must be > 0 and < 1, got '0'");
+  SP_CHECK_USAGE(s.val.empty() || s.val_fraction == 0,
+                 "--val and --val-fraction each name a validation set: give one");
+  const bool validating = !s.val.empty() || s.val_fraction > 0;
+  SP_CHECK_USAGE(validating || !(has("--early-stop-patience") || has("--monitor")),
+                 "--early-stop-patience and --monitor need a validation set (--val or "
+                 "--val-fraction)");
+  const std::vector<std::uint64_t> milestones = parse_milestones(s.lr_milestones);
+  SP_CHECK_USAGE(s.lr_schedule != "step" || milestones.size() == 1,
+                 "--lr-schedule step needs --lr-milestones with one value (the period in "
+                 "epochs), got '", s.lr_milestones, "'");
+  SP_CHECK_USAGE(s.lr_schedule != "multistep" || !milestones.empty(),
+                 "--lr-schedule multistep needs --lr-milestones (epochs, increasing)");
 }
 
 MergedSettings merge_resumed(const Settings& cli, const GivenFlags& given, const Settings& stored,

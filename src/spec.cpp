@@ -35,8 +35,20 @@ std::string layers_string(const std::vector<LayerSpec>& layers) {
   std::string s = std::to_string(layers.front().in);
   for (const auto& layer : layers) {
     s.append(",").append(std::to_string(layer.out)).append(":").append(to_string(layer.activation));
+    if (layer.dropout > 0) {
+      char rate[32];
+      const auto [end, ec] = std::to_chars(rate, rate + sizeof rate, layer.dropout);
+      s.append(":dropout=").append(rate, ec == std::errc() ? end : rate);
+    }
   }
   return s;
+}
+
+bool ModelSpec::has_dropout() const {
+  for (const auto& layer : layers) {
+    if (layer.dropout > 0) return true;
+  }
+  return false;
 }
 
 std::string ModelSpec::layers_string() const { return shardprop::layers_string(layers); }
@@ -84,15 +96,31 @@ std::vector<LayerSpec> parse_layers(std::string_view layers) {
     const std::string_view entry = entries[i];
     SP_CHECK_USAGE(!entry.empty(), "--layers: empty entry at position ", i + 1, " in '", layers,
                    "'");
-    const std::size_t colon = entry.find(':');
-    const std::size_t width = parse_width(entry.substr(0, colon), entry);
+    const auto fields = split(entry, ':');
+    const std::size_t width = parse_width(fields[0], entry);
     const bool last = i + 1 == entries.size();
     Activation act = last ? Activation::softmax : Activation::relu;
-    if (colon != std::string_view::npos) {
-      SP_CHECK_USAGE(i > 0, "--layers: the input entry '", entry, "' takes no activation");
-      const std::string_view name = entry.substr(colon + 1);
+    double dropout = 0;
+    bool named = false;
+    SP_CHECK_USAGE(i > 0 || fields.size() == 1, "--layers: the input entry '", entry,
+                   "' takes no activation or dropout");
+    for (std::size_t f = 1; f < fields.size(); ++f) {
+      const std::string_view field = fields[f];
+      if (field.starts_with("dropout=")) {
+        const std::string_view rate = field.substr(8);
+        const auto [end, ec] = std::from_chars(rate.data(), rate.data() + rate.size(), dropout);
+        SP_CHECK_USAGE(ec == std::errc() && end == rate.data() + rate.size() && !rate.empty(),
+                       "--layers: '", field, "' in '", entry, "' is not a number");
+        SP_CHECK_USAGE(dropout >= 0 && dropout < 1, "--layers: dropout ", rate, " in '", entry,
+                       "' must be >= 0 and < 1");
+        SP_CHECK_USAGE(!last || dropout == 0, "--layers: the output layer '", entry,
+                       "' cannot drop units");
+        continue;
+      }
+      SP_CHECK_USAGE(!named, "--layers: '", entry, "' names two activations");
+      named = true;
       try {
-        act = parse_activation(name);
+        act = parse_activation(field);
       } catch (const Error& e) {
         SP_USAGE("--layers: ", e.message(), " in '", entry, "'");
       }
@@ -100,7 +128,7 @@ std::vector<LayerSpec> parse_layers(std::string_view layers) {
     if (i > 0) {
       SP_CHECK_USAGE(act != Activation::softmax || last, "--layers: softmax is only allowed on "
                      "the output layer, not in '", entry, "'");
-      specs.push_back({in, width, act});
+      specs.push_back({in, width, act, dropout});
     }
     in = width;
   }

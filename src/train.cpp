@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
-#include <numbers>
 #include <numeric>
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/task_arena.h>
@@ -14,6 +13,7 @@
 #include "stream.hpp"
 #include "shardprop/error.hpp"
 #include "shardprop/rng.hpp"
+#include "shardprop/schedule.hpp"
 #include "shardprop/stop.hpp"
 
 namespace shardprop {
@@ -112,9 +112,25 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
                  shared_state(*reducer_, 0, mlp_.layout().size())) {
   SP_CHECK_USAGE(settings_.batch >= std::size_t(comm_.size()), "--batch ", settings_.batch,
                  " is smaller than the number of ranks (", comm_.size(), ")");
-  SP_CHECK_USAGE(settings_.batch <= train_.global_rows(), "--batch ", settings_.batch,
-                 " is larger than the training set (", train_.global_rows(), " samples)");
   check_agreement();
+  if (settings_.val_fraction > 0) {
+    // One permutation of every row, fixed by the seed alone (the epoch number no epoch
+    // reaches): its first rows are held out, the rest trained on, each kept in file order.
+    const std::size_t n = train_.global_rows();
+    const auto held = std::size_t(std::llround(double(n) * settings_.val_fraction));
+    SP_CHECK_USAGE(held >= 1 && held < n, "--val-fraction ", settings_.val_fraction,
+                   " of the training set's ", n, " samples holds out ", held,
+                   ": it must leave at least one to validate and one to train on");
+    std::vector<std::uint32_t> split;
+    epoch_permutation(n, settings_.seed, UINT64_MAX, split);
+    held_out_.assign(split.begin(), split.begin() + std::ptrdiff_t(held));
+    kept_.assign(split.begin() + std::ptrdiff_t(held), split.end());
+    std::sort(held_out_.begin(), held_out_.end());
+    std::sort(kept_.begin(), kept_.end());
+  }
+  SP_CHECK_USAGE(settings_.batch <= training_samples(), "--batch ", settings_.batch,
+                 " is larger than the training set (", training_samples(), " samples",
+                 kept_.empty() ? "" : " after --val-fraction", ")");
   if (train_.partitioned()) {
     SP_CHECK_USAGE(train_.rows > 0, "the training set's ", train_.global_rows(),
                    " samples are fewer than the ", comm_.size(),
@@ -126,6 +142,7 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
     // HDF5 built without thread safety reads in the step instead.
     if (hdf5_threadsafe()) reader_ = std::make_unique<BackgroundTask>();
   }
+  if (settings_.clip_norm > 0) norm_parts_.resize(norm_parts(mlp_.layout().size()));
   if (params_.empty()) {
     own_params_.assign(mlp_.layout().size(), 0.0f);
     params_ = own_params_;
@@ -179,8 +196,12 @@ void Trainer::check_agreement() {
   SP_CHECK(same, "ranks disagree on the model layout, settings or training data");
 }
 
+std::size_t Trainer::training_samples() const {
+  return kept_.empty() ? train_.global_rows() : kept_.size();
+}
+
 std::size_t Trainer::batches_per_epoch() const {
-  return (train_.global_rows() + settings_.batch - 1) / settings_.batch;
+  return (training_samples() + settings_.batch - 1) / settings_.batch;
 }
 
 std::uint64_t Trainer::total_steps() const {
@@ -190,12 +211,7 @@ std::uint64_t Trainer::total_steps() const {
 }
 
 double Trainer::learning_rate(std::uint64_t step) const {
-  const double base = settings_.lr;
-  if (settings_.lr_schedule != "cosine") return base;
-  const std::uint64_t total = total_steps();
-  if (total == 0) return base;
-  const double progress = std::min(1.0, double(step) / double(total));
-  return base * 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
+  return Schedule(settings_, total_steps(), batches_per_epoch()).lr(step);
 }
 
 void Trainer::diverged(std::uint64_t step, const MinibatchStats& stats) const {
@@ -250,8 +266,11 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
   comm_.set_phase("step", state_.step + 1);
   const auto rows = Eigen::Index(shard.size());
   reducer_->begin(shard.size(), global_batch.size());
+  // Dropout masks follow the step and each row's sample, whichever rank computes it.
+  const DropoutKeys keys{settings_.seed, state_.step, global_batch.data() + shard.begin};
   mlp_.forward_backward(params_, ConstMatrixView<float>(x_[now].data(), rows, Eigen::Index(train_.cols)),
-                        ConstMatrixView<float>(y_[now].data(), rows, Eigen::Index(k)), *reducer_);
+                        ConstMatrixView<float>(y_[now].data(), rows, Eigen::Index(k)), *reducer_,
+                        spec().has_dropout() ? &keys : nullptr);
   optimizer_.set_lr(learning_rate(state_.step));
   const Callback before_wait = next_batch.empty() ? Callback()
                                : in_background    ? Callback(wait_for_reader)
@@ -265,7 +284,10 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
     if (stats.nonfinite_layer >= 0 || !std::isfinite(stats.loss_sum)) diverged(step, stats);
   };
   MinibatchStats stats;
-  if (reducer_->fuses_update()) {
+  // Clipping needs the whole gradient's norm before any update: the node reducer then
+  // writes the mean gradient instead of updating its share in the same pass.
+  const bool clipping = settings_.clip_norm > 0;
+  if (reducer_->fuses_update() && !clipping) {
     // The node's ranks update their shares into the other copy, which becomes the current
     // one unless the step diverged.
     const std::size_t n = layout().size();
@@ -281,6 +303,15 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
     // Every parameter, or this rank's share of the node's one copy.
     stats = reducer_->finish(before_wait, &times_);
     check(stats);
+    float scale = 1;
+    if (clipping) {
+      // Every rank has the same mean gradient and sums its norm in the same order.
+      reducer_->whole_gradient();
+      stats.grad_norm = global_norm(reducer_->gradient(), norm_parts_);
+      stats.clipped = stats.grad_norm > settings_.clip_norm;
+      if (stats.clipped) scale = float(settings_.clip_norm / stats.grad_norm);
+    }
+    optimizer_.set_grad_scale(scale);
     optimizer_.step(params_, reducer_->gradient(), [&](Optimizer::Update update) {
       reducer_->share_runs(update);
     });
@@ -330,6 +361,36 @@ EvalStats Trainer::evaluate(const Dataset& data) {
   return stats;
 }
 
+EvalStats Trainer::evaluate_rows(std::span<const std::uint32_t> rows) {
+  comm_.set_phase("validation after step", state_.step);
+  const std::size_t k = spec().output_width(), chunk = mlp_.chunk();
+  const auto ranks = std::size_t(comm_.size());
+  // Global passes of --eval-batch rows per rank, whole chunks, sharded as minibatches are:
+  // the chunks are those of the row sequence for any number of ranks.
+  const std::size_t pass = pass_rows(settings_.eval_batch * ranks, rows.size(), chunk);
+  std::size_t most = 0;
+  for (std::size_t r = 0; r < ranks; ++r) {
+    most = std::max(most, shard_range(std::min(pass, rows.size()), int(r), int(ranks), chunk).size());
+  }
+  AlignedVector<float> x(std::max<std::size_t>(most, 1) * train_.cols),
+      y(std::max<std::size_t>(most, 1) * k);
+  std::vector<LossSums> parts;
+  std::size_t mine = 0;
+  for (std::size_t begin = 0; begin < rows.size(); begin += pass) {
+    const auto batch = rows.subspan(begin, std::min(pass, rows.size() - begin));
+    const Range shard = shard_range(batch.size(), comm_.rank(), comm_.size(), chunk);
+    gather_shard(batch, x.data(), y.data());
+    const auto n = Eigen::Index(shard.size());
+    const auto sums = mlp_.losses(params_, ConstMatrixView<float>(x.data(), n, Eigen::Index(train_.cols)),
+                                  ConstMatrixView<float>(y.data(), n, Eigen::Index(k)));
+    parts.insert(parts.end(), sums.begin(), sums.end());
+    mine += shard.size();
+  }
+  const EvalStats stats = reducer_->reduce_losses(parts, mine, chunk_count(rows.size(), chunk));
+  comm_.set_phase("step", state_.step);
+  return stats;
+}
+
 Checkpoint Trainer::checkpoint() const {
   Checkpoint c;
   c.spec = spec();
@@ -373,8 +434,33 @@ bool Trainer::steps_left() const {
   const auto below = [&](std::int64_t limit) {
     return limit < 0 || state_.step < std::uint64_t(limit);
   };
-  return stopped_by_ == 0 && state_.epoch < settings_.epochs && below(settings_.max_steps) &&
-         below(settings_.stop_at_step);
+  return stopped_by_ == 0 && !stopped_early() && state_.epoch < settings_.epochs &&
+         below(settings_.max_steps) && below(settings_.stop_at_step);
+}
+
+bool Trainer::stopped_early() const {
+  return settings_.early_stop_patience > 0 &&
+         state_.epochs_without_improvement >= settings_.early_stop_patience;
+}
+
+void Trainer::validate(const Dataset* val, EpochStats& stats, TrainObserver& observer,
+                       Checkpointer* checkpointer) {
+  if (!val && held_out_.empty()) return;
+  stats.has_val = true;
+  stats.val = val ? evaluate(*val) : evaluate_rows(held_out_);
+  // Lower is better: the loss, or the accuracy negated.
+  const double metric = settings_.monitor == "val_acc" ? -stats.val.accuracy : stats.val.loss;
+  stats.best = state_.best_epoch == 0 || metric < state_.best_metric;
+  if (!stats.best) {
+    ++state_.epochs_without_improvement;
+    return;
+  }
+  state_.best_metric = metric;
+  state_.best_epoch = state_.epoch;
+  state_.epochs_without_improvement = 0;
+  if (checkpointer && checkpointer->writing()) {
+    observer.on_best(checkpointer->write_best(checkpoint()));
+  }
 }
 
 void Trainer::agree_on_stop() {
@@ -388,24 +474,29 @@ void Trainer::after_step(bool epoch_ended, TrainObserver& observer, Checkpointer
   }
 }
 
-void Trainer::run(const Dataset* test, TrainObserver& observer, Checkpointer* checkpointer) {
+void Trainer::run(const Dataset* test, TrainObserver& observer, Checkpointer* checkpointer,
+                  const Dataset* val) {
   const std::uint64_t batches = batches_per_epoch();
   const std::uint64_t total = total_steps();
   while (steps_left()) {
     if (order_epoch_ != state_.epoch) {
-      epoch_permutation(train_.global_rows(), settings_.seed, state_.epoch, order_);
+      epoch_permutation(training_samples(), settings_.seed, state_.epoch, order_);
+      if (!kept_.empty()) {
+        for (std::uint32_t& i : order_) i = kept_[i];
+      }
       order_epoch_ = state_.epoch;
       prefetched_ = {};  // it pointed into the previous order
     }
     const auto start = Clock::now();
     const std::uint64_t first_step = state_.step + 1;
-    double loss = 0, correct = 0, samples = 0;
+    double loss = 0, correct = 0, samples = 0, max_norm = 0;
+    std::uint64_t clipped = 0;
     bool ended = false;
     while (!ended && steps_left()) {
       const auto batch = [&](std::uint64_t b) {
         const std::size_t begin = b * settings_.batch;
         return std::span<const std::uint32_t>(order_).subspan(
-            begin, std::min(train_.global_rows(), begin + settings_.batch) - begin);
+            begin, std::min(order_.size(), begin + settings_.batch) - begin);
       };
       // The next batch of this epoch is gathered during this step's reductions.
       const std::uint64_t b = state_.batch_in_epoch;
@@ -414,9 +505,11 @@ void Trainer::run(const Dataset* test, TrainObserver& observer, Checkpointer* ch
       loss += s.loss_sum;
       correct += s.correct;
       samples += s.samples;
+      clipped += s.clipped ? 1 : 0;
+      max_norm = std::max(max_norm, s.grad_norm);
       const double elapsed = seconds_since(start);
       observer.on_progress({state_.epoch + 1, settings_.epochs, b + 1, batches, state_.step, total,
-                            loss / samples, samples / elapsed,
+                            loss / samples, learning_rate(state_.step - 1), samples / elapsed,
                             elapsed / double(state_.step + 1 - first_step)});
       ended = ++state_.batch_in_epoch == batches;
       agree_on_stop();
@@ -437,10 +530,15 @@ void Trainer::run(const Dataset* test, TrainObserver& observer, Checkpointer* ch
                    std::size_t(samples)};
     stats.samples_per_s = seconds > 0 ? samples / seconds : 0.0;
     stats.seconds = seconds;
+    stats.lr = state_.step > 0 ? learning_rate(state_.step - 1) : 0.0;
+    stats.clipped = clipped;
+    stats.max_grad_norm = max_norm;
     if (test && stopped_by_ == 0) {  // a stopping job has no time to evaluate
       stats.has_test = true;
       stats.test = evaluate(*test);
     }
+    // Patience counts whole epochs: a part of one (a stop, --max-steps) is not validated.
+    if (ended && stopped_by_ == 0) validate(val, stats, observer, checkpointer);
     if (samples > 0) observer.on_epoch(stats);
     if (ended) after_step(true, observer, checkpointer);
   }
@@ -466,6 +564,15 @@ std::string metrics_json(const EpochStats& s, int ranks, int threads) {
   json += ",\"train_loss\":" + number(s.train.loss) + ",\"train_acc\":" + number(s.train.accuracy);
   json += ",\"test_loss\":" + (s.has_test ? number(s.test.loss) : "null");
   json += ",\"test_acc\":" + (s.has_test ? number(s.test.accuracy) : "null");
+  if (s.has_val) {
+    json += ",\"val_loss\":" + number(s.val.loss) + ",\"val_acc\":" + number(s.val.accuracy);
+    json += std::string(",\"best\":") + (s.best ? "true" : "false");
+  }
+  json += ",\"lr\":" + number(s.lr);
+  if (s.max_grad_norm > 0) {
+    json += ",\"clipped_steps\":" + std::to_string(s.clipped) +
+            ",\"max_grad_norm\":" + number(s.max_grad_norm);
+  }
   json += ",\"samples_per_s\":" + number(s.samples_per_s) + ",\"epoch_seconds\":" + number(s.seconds);
   json += ",\"ranks\":" + std::to_string(ranks) + ",\"threads\":" + std::to_string(threads) + "}";
   return json;

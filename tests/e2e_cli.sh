@@ -15,7 +15,7 @@ cd "$work"
   --progress always > run.txt
 grep -q "batch      50 global (25 per rank), 40 steps per epoch, 2 epochs" run.txt ||
   fail "header: $(grep batch run.txt)"
-grep -qE "epoch 1/2 \[#+ *\] [0-9]+/40 loss [0-9.]+  [0-9,]+ samples/s  ETA epoch [0-9]+:[0-9]{2}, run [0-9]+:[0-9]{2}" run.txt ||
+grep -qE "epoch 1/2 \[#+ *\] [0-9]+/40 loss [0-9.]+  lr [0-9.e-]+  [0-9,]+ samples/s  ETA epoch [0-9]+:[0-9]{2}, run [0-9]+:[0-9]{2}" run.txt ||
   fail "no progress line with samples/s and ETAs"
 echo "ok: header and progress line"
 
@@ -90,7 +90,11 @@ single 1 "missing.h5: no such file" info missing.h5
 single 1 "test.h5: missing attribute 'format'" eval --checkpoint test.h5 --data test.h5
 single 2 "--label-column: 'first' is neither" convert --csv unlabeled.csv --label-column first --out x.h5
 single 2 "--optimizer: 'rmsprop' is not one of sgd,adam" train --train train.h5 --optimizer rmsprop
-single 2 "--lr-schedule: 'linear' is not one of constant,cosine" train --train train.h5 --lr-schedule linear
+single 2 "--lr-schedule: 'exponential' is not one of constant,cosine,step,multistep,linear" train --train train.h5 --lr-schedule exponential
+single 2 "--lr-milestones '30,20': the epochs must increase (30 then 20)" train --train train.h5 --lr-schedule multistep --lr-milestones 30,20
+single 2 "--layers: dropout 1 in '16:relu:dropout=1' must be >= 0 and < 1" train --train train.h5 --layers 10,16:relu:dropout=1,4
+single 2 "--val-fraction: must be >= 0 and < 1, got '1.5'" train --train train.h5 --val-fraction 1.5
+single 2 "--early-stop-patience and --monitor need a validation set" train --train train.h5 --early-stop-patience 3
 
 # --threads above the cores mpirun gave each rank: honoured, and the header says so.
 bound=()

@@ -72,8 +72,24 @@ TEST(Settings, BadValuesNameTheFlagAndTheValue) {
                      "--momentum: must be >= 0 and < 1, got '1'");
   expect_usage_error([&] { parse_setting(setting("--optimizer"), s, "rmsprop"); },
                      "--optimizer: 'rmsprop' is not one of sgd,adam");
-  expect_usage_error([&] { parse_setting(setting("--lr-schedule"), s, "linear"); },
-                     "--lr-schedule: 'linear' is not one of constant,cosine");
+  expect_usage_error([&] { parse_setting(setting("--lr-schedule"), s, "exponential"); },
+                     "--lr-schedule: 'exponential' is not one of "
+                     "constant,cosine,step,multistep,linear");
+  // The training recipe's values.
+  expect_usage_error([&] { parse_setting(setting("--lr-decay"), s, "-0.5"); },
+                     "--lr-decay: must be > 0 and <= 1, got '-0.5'");
+  expect_usage_error([&] { parse_setting(setting("--lr-decay"), s, "1.5"); },
+                     "--lr-decay: must be > 0 and <= 1, got '1.5'");
+  expect_usage_error([&] { parse_setting(setting("--warmup-steps"), s, "-10"); },
+                     "--warmup-steps: must be >= 0, got '-10'");
+  expect_usage_error([&] { parse_setting(setting("--clip-norm"), s, "-1"); },
+                     "--clip-norm: must be >= 0, got '-1'");
+  expect_usage_error([&] { parse_setting(setting("--val-fraction"), s, "1"); },
+                     "--val-fraction: must be >= 0 and < 1, got '1'");
+  expect_usage_error([&] { parse_setting(setting("--val-fraction"), s, "-0.1"); },
+                     "--val-fraction: must be >= 0 and < 1, got '-0.1'");
+  expect_usage_error([&] { parse_setting(setting("--monitor"), s, "loss"); },
+                     "--monitor: 'loss' is not one of val_loss,val_acc");
   expect_usage_error([&] { parse_setting(setting("--threads"), s, "0"); }, "--threads");
   expect_usage_error([&] { parse_setting(setting("--collective-timeout"), s, "-3"); },
                      "--collective-timeout: must be >= 0");
@@ -92,6 +108,38 @@ TEST(Settings, CombinationsThatNeedAnotherFlag) {
                      "--resume auto needs --checkpoint-dir");
   s.checkpoint_dir = "ck";
   EXPECT_NO_THROW(check_combinations(s, {"--resume", "--checkpoint-dir"}));
+}
+
+TEST(Settings, RecipeCombinationsAreCheckedBeforeTraining) {
+  Settings s;
+  s.lr_schedule = "multistep";
+  expect_usage_error([&] { check_combinations(s, {"--lr-schedule"}); },
+                     "--lr-schedule multistep needs --lr-milestones");
+  s.lr_milestones = "30,20";
+  expect_usage_error([&] { check_combinations(s, {"--lr-schedule", "--lr-milestones"}); },
+                     "--lr-milestones '30,20': the epochs must increase (30 then 20)");
+  s.lr_milestones = "10,x";
+  expect_usage_error([&] { check_combinations(s, {"--lr-schedule", "--lr-milestones"}); },
+                     "--lr-milestones '10,x': 'x' is not a positive whole number of epochs");
+  s.lr_milestones = "0";
+  expect_usage_error([&] { check_combinations(s, {"--lr-schedule", "--lr-milestones"}); },
+                     "'0' is not a positive whole number");
+  s.lr_milestones = "10,20";
+  EXPECT_NO_THROW(check_combinations(s, {"--lr-schedule", "--lr-milestones"}));
+  s.lr_schedule = "step";
+  expect_usage_error([&] { check_combinations(s, {"--lr-schedule", "--lr-milestones"}); },
+                     "--lr-schedule step needs --lr-milestones with one value");
+  s = Settings();
+  expect_usage_error([&] { check_combinations(s, {"--val-fraction"}); },
+                     "--val-fraction: must be > 0 and < 1, got '0'");
+  expect_usage_error([&] { check_combinations(s, {"--early-stop-patience"}); },
+                     "--early-stop-patience and --monitor need a validation set");
+  s.val = "val.h5";
+  s.val_fraction = 0.1;
+  expect_usage_error([&] { check_combinations(s, {"--val", "--val-fraction"}); },
+                     "--val and --val-fraction each name a validation set: give one");
+  s.val.clear();
+  EXPECT_NO_THROW(check_combinations(s, {"--val-fraction", "--early-stop-patience"}));
 }
 
 // The merge of a resume: fixed settings must agree, restored ones come back unless given,

@@ -159,7 +159,7 @@ enum class Via { overlap, once, node };
 template <class T>
 Gradient<T> reduced_gradient(Mlp<T>& mlp, Communicator& comm, std::span<const T> params,
                              ConstMatrixView<T> x, ConstMatrixView<T> y, std::size_t global_rows,
-                             Via via = Via::overlap) {
+                             Via via = Via::overlap, const DropoutKeys* dropout = nullptr) {
   std::unique_ptr<GradReducer<T>> reducer;
   if (via == Via::node) {
     std::string why;
@@ -169,7 +169,7 @@ Gradient<T> reduced_gradient(Mlp<T>& mlp, Communicator& comm, std::span<const T>
     reducer = make_reducer<T>(mlp.layout(), comm, mlp.chunk(), via == Via::overlap);
   }
   reducer->begin(std::size_t(x.rows()), global_rows);
-  mlp.forward_backward(params, x, y, *reducer);
+  mlp.forward_backward(params, x, y, *reducer, dropout);
   Gradient<T> g;
   g.stats = reducer->finish();
   reducer->shared_written();  // the node reducers: every rank's share of the mean is written
@@ -180,9 +180,10 @@ Gradient<T> reduced_gradient(Mlp<T>& mlp, Communicator& comm, std::span<const T>
 // The full-batch mean gradient of (x, y): the whole batch on one in-process rank.
 template <class T>
 Gradient<T> full_batch_gradient(Mlp<T>& mlp, std::span<const T> params, ConstMatrixView<T> x,
-                                ConstMatrixView<T> y) {
+                                ConstMatrixView<T> y, const DropoutKeys* dropout = nullptr) {
   LocalGroup one(1);
-  return reduced_gradient<T>(mlp, one.member(0), params, x, y, std::size_t(x.rows()));
+  return reduced_gradient<T>(mlp, one.member(0), params, x, y, std::size_t(x.rows()),
+                             Via::overlap, dropout);
 }
 
 }  // namespace shardprop::testing

@@ -26,13 +26,17 @@ namespace shardprop {
 inline constexpr const char* kCheckpointFormat = "shardprop-checkpoint";
 // Version 4 stores every run setting of the table (3 lacked the precision); version 2 files (the training state and
 // the settings of that time) still resume, version 1 files (model only) can be evaluated.
-inline constexpr std::int64_t kCheckpointVersion = 4;
+inline constexpr std::int64_t kCheckpointVersion = 5;
 
 // Where training stands: enough, with the parameters and optimizer state, to continue.
 struct TrainState {
   std::uint64_t step = 0;            // optimizer steps taken
   std::uint64_t epoch = 0;           // epochs completed (the current one, counted from 0)
   std::uint64_t batch_in_epoch = 0;  // next global minibatch within that epoch
+  // Validation (format version 5): the best --monitor value so far and the epoch (1-based)
+  // it was measured after (0: none yet), and the epochs since then without a better one.
+  double best_metric = 0;
+  std::uint64_t best_epoch = 0, epochs_without_improvement = 0;
 };
 
 struct Checkpoint {
@@ -148,6 +152,9 @@ class Checkpointer {
   bool saved(std::uint64_t step) const { return saved_step_ == std::int64_t(step); }
   // Collective: rank 0 writes `c` to the --save file, if one is set; returns its path.
   std::string save_final(const Checkpoint& c);
+  // Collective: rank 0 replaces best.h5 in the checkpoint directory with `c` (atomically),
+  // if a directory is set; returns its path (on rank 0; empty on the others).
+  std::string write_best(const Checkpoint& c);
 
  private:
   Communicator& comm_;

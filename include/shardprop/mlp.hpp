@@ -28,6 +28,14 @@ enum class Precision { fp32, bf16 };
 // "fp32" or "bf16"; anything else throws UsageError naming `what`.
 Precision parse_precision(std::string_view text, std::string_view what = "--precision");
 
+// What draws a training pass's dropout masks: the run's seed, the optimizer step, and the
+// sample (index in the training set) of each row. A unit's mask depends on these and on
+// its layer and position alone.
+struct DropoutKeys {
+  std::uint64_t seed = 0, step = 0;
+  const std::uint32_t* samples = nullptr;  // one per row of the pass
+};
+
 template <class T>
 class Mlp {
  public:
@@ -55,21 +63,23 @@ class Mlp {
 
   // Forward pass and loss against targets y (rows, out), without gradients: the loss sums of
   // each chunk (one entry for all rows when chunk is 0), valid until the next call.
+  // With `dropout` (and a model with dropout), the training pass's masks apply.
   std::span<const LossSums> losses(std::span<const T> params, ConstMatrixView<T> x,
-                                   ConstMatrixView<T> y);
+                                   ConstMatrixView<T> y, const DropoutKeys* dropout = nullptr);
 
   // Forward, loss and backward over one shard (x, y may have no rows): hands the loss sums,
   // then each layer's input and δ = ∂(Σ per-sample loss)/∂Z (dW = inputᵀ·δ, db = column
   // sums of δ), from the last layer down, to `reducer`, which must use this model's chunk.
+  // A model with dropout needs `dropout` (the keys of its masks).
   void forward_backward(std::span<const T> params, ConstMatrixView<T> x, ConstMatrixView<T> y,
-                        GradReducer<T>& reducer);
+                        GradReducer<T>& reducer, const DropoutKeys* dropout = nullptr);
 
  private:
   struct Workspace;
   MatrixView<T> activation(std::size_t layer, std::size_t rows);
   ConstMatrixView<T> input_of(std::size_t layer, ConstMatrixView<T> x, std::size_t rows);
   const std::uint16_t* input_bf16_of(std::size_t layer) const;
-  void forward(std::span<const T> params, ConstMatrixView<T> x);
+  void forward(std::span<const T> params, ConstMatrixView<T> x, const DropoutKeys* dropout);
 
   ModelSpec spec_;
   Layout layout_;

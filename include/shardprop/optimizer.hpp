@@ -62,6 +62,9 @@ class Optimizer {
 
   const OptimizerConfig& config() const { return config_; }
   void set_lr(double lr) { config_.lr = lr; }
+  // The factor step() multiplies the gradient by before its update (clipping; 1 by default,
+  // which changes no bit). update_share() takes none.
+  void set_grad_scale(float scale) { grad_scale_ = scale; }
   std::span<const float> state() const { return state_; }
   std::uint64_t steps() const { return steps_; }
   // Takes a saved state (same size) and step count; with [begin, end), only that share of
@@ -76,6 +79,13 @@ class Optimizer {
   AlignedVector<float> own_;  // the state, unless storage was given
   std::span<float> state_;
   std::uint64_t steps_ = 0;
+  float grad_scale_ = 1;
 };
+
+// The Euclidean norm of `grad`, summed in double over blocks of 4096 values whose partial
+// sums are added in order: the same bits for the same gradient whatever the threads.
+// `parts` holds the partial sums: at least norm_parts(grad.size()) values.
+std::size_t norm_parts(std::size_t size);
+double global_norm(std::span<const float> grad, std::span<double> parts);
 
 }  // namespace shardprop

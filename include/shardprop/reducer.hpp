@@ -34,6 +34,10 @@ struct MinibatchStats {
   double correct = 0;
   double samples = 0;
   int nonfinite_layer = -1;  // the first layer whose mean gradient holds NaN or Inf
+  // With --clip-norm: the mean gradient's global norm (all layers), and whether the step
+  // scaled it down to the limit.
+  double grad_norm = 0;
+  bool clipped = false;
 };
 
 // Loss and accuracy over a data set (or a minibatch).
@@ -95,8 +99,10 @@ class GradReducer {
   virtual MinibatchStats finish(Callback before_wait = {}, StepTimes* times = nullptr,
                                 ShareUpdate<T>* update = nullptr) = 0;
   // The mean gradient after finish() without an update, in the parameters' layout (padding
-  // zero).
+  // zero). A reducer that shares it through node memory has only this rank's share()
+  // written by then; whole_gradient() waits for the other ranks' shares.
   virtual std::span<const T> gradient() const = 0;
+  virtual void whole_gradient() {}
   // Whether finish() runs the optimizer's update (the node reducer).
   virtual bool fuses_update() const { return false; }
   std::size_t gradient_size() const { return gradient().size(); }

@@ -29,8 +29,17 @@ struct Settings {
   std::string optimizer = "sgd";
   double lr = 0.05;
   std::string lr_schedule = "constant";
+  double lr_decay = 0.1;
+  std::string lr_milestones;  // epochs, "30,60"
+  std::uint64_t warmup_steps = 0, lr_scale_batch = 0;  // 0: none
+  double clip_norm = 0;  // 0: no clipping
   double momentum = 0.9, weight_decay = 0.0;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  // validation and early stopping
+  std::string val;
+  double val_fraction = 0;  // 0: none
+  std::uint64_t early_stop_patience = 0;  // 0: never stop early
+  std::string monitor = "val_loss";
   // reproducibility
   bool deterministic = false;
   std::uint64_t chunk = 64;

@@ -30,6 +30,12 @@ struct EpochStats {
   EvalStats train;          // running mean over the minibatches this row covers
   bool has_test = false;
   EvalStats test;
+  bool has_val = false;  // validated (after a whole epoch, with a validation set)
+  EvalStats val;
+  bool best = false;     // the best --monitor value so far
+  double lr = 0;         // the learning rate of the row's last step
+  std::uint64_t clipped = 0;  // steps whose gradient --clip-norm scaled down
+  double max_grad_norm = 0;   // the largest gradient norm of the row's steps (--clip-norm)
   double samples_per_s = 0, seconds = 0;
 };
 
@@ -39,6 +45,7 @@ struct Progress {
   std::uint64_t batch = 0, batches = 0;    // minibatches done in this epoch, of all
   std::uint64_t step = 0, total_steps = 0;  // optimizer steps done, of the run's
   double running_loss = 0;                  // mean loss of this epoch's batches so far
+  double lr = 0;                            // the learning rate of the last step
   double samples_per_s = 0;                 // this invocation's rate in this epoch
   double step_seconds = 0;                  //   and its mean time per step
 };
@@ -53,6 +60,8 @@ class TrainObserver {
   // file (the path on rank 0, empty elsewhere).
   virtual void on_checkpoint(const std::string& /*path*/) {}
   virtual void on_save(const std::string& /*path*/) {}
+  // The model of the best validation so far was written to best.h5 (the path on rank 0).
+  virtual void on_best(const std::string& /*path*/) {}
 };
 
 class Trainer {
@@ -66,14 +75,18 @@ class Trainer {
   ~Trainer();
 
   // Trains from the current state until the settings' epochs, max_steps or stop_at_step,
-  // evaluating `test` (if any) after every epoch. With a checkpointer, writes checkpoints as
+  // or until early stopping says so, evaluating `test` (if any) after every epoch, and
+  // after every whole epoch validating on `val` (--val) or on the rows --val-fraction holds
+  // out: the best --monitor value is kept in the state, its model written as best.h5 by a
+  // checkpointer that writes. With a checkpointer, writes checkpoints as
   // its cadence says, and at the end the final one (unless the newest is of this step
   // already) and the --save file.
   // A stop requested on any rank (request_stop, stop.hpp) is agreed on by every rank after
   // the step it arrives in: run() then ends there, without evaluating, writes the checkpoint
   // of that step (with a checkpointer that writes) but no --save file, and
   // stopped_by_signal() names the signal.
-  void run(const Dataset* test, TrainObserver& observer, Checkpointer* checkpointer = nullptr);
+  void run(const Dataset* test, TrainObserver& observer, Checkpointer* checkpointer = nullptr,
+           const Dataset* val = nullptr);
   // One optimizer step on the global minibatch `global_batch` (sample indices). Given the
   // next step's batch, this rank's rows of it are gathered into the other half of a double
   // buffer while the gradient reductions run; it must be passed unchanged to the next call.
@@ -83,6 +96,9 @@ class Trainer {
                       std::span<const std::uint32_t> next_batch = {});
   // Loss and accuracy over a whole data set, each rank evaluating its slice.
   EvalStats evaluate(const Dataset& data);
+  // Loss and accuracy over rows of the training set (sample indices), in passes of
+  // --eval-batch rows sharded as minibatches are (collective when the set is partitioned).
+  EvalStats evaluate_rows(std::span<const std::uint32_t> rows);
 
   // A snapshot of the run on this rank, and its inverse (no communication: every rank
   // restores the same checkpoint, whose model and optimizer must match).
@@ -90,6 +106,13 @@ class Trainer {
   void restore(const Checkpoint& c);
 
   std::size_t batches_per_epoch() const;
+  // The samples an epoch trains on: the training set's, less those --val-fraction holds out.
+  std::size_t training_samples() const;
+  // The training set's rows --val-fraction holds out for validation (increasing), or none.
+  std::span<const std::uint32_t> held_out() const { return held_out_; }
+  // Whether early stopping ended the run: --early-stop-patience epochs without a better
+  // validation.
+  bool stopped_early() const;
   // The optimizer steps of the whole run (epochs and max_steps).
   std::uint64_t total_steps() const;
   // The learning rate of optimizer step `step` (0-based) under the configured schedule.
@@ -121,6 +144,9 @@ class Trainer {
   void gather_shard(std::span<const std::uint32_t> batch, float* x, float* y);
   void check_agreement();
   void after_step(bool epoch_ended, TrainObserver& observer, Checkpointer* checkpointer);
+  // After a whole epoch: validates, and keeps the best --monitor value (and its model).
+  void validate(const Dataset* val, EpochStats& stats, TrainObserver& observer,
+                Checkpointer* checkpointer);
   // Whether any rank was asked to stop (collective with several ranks).
   void agree_on_stop();
 
@@ -138,6 +164,8 @@ class Trainer {
   std::span<const std::uint32_t> prefetched_;  // the batch gathered into x_[current_]
   Optimizer optimizer_;
   TrainState state_;
+  std::vector<double> norm_parts_;  // global_norm's partial sums (--clip-norm)
+  std::vector<std::uint32_t> kept_, held_out_;  // --val-fraction's split (else empty)
   std::vector<std::uint32_t> order_;
   std::uint64_t order_epoch_ = UINT64_MAX;
   StepTimes times_;
