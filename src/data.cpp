@@ -444,4 +444,20 @@ Range shard_range(std::size_t rows, int rank, int size, std::size_t chunk) {
   return {std::min(rows, chunks.begin * chunk), std::min(rows, chunks.end * chunk)};
 }
 
+Range micro_shard(std::size_t rows, std::size_t m, std::size_t micros, int rank, int size,
+                  std::size_t chunk) {
+  const Range micro = shard_range(rows, int(m), int(micros), chunk);
+  const Range part = shard_range(micro.size(), rank, size, chunk);
+  return {micro.begin + part.begin, micro.begin + part.end};
+}
+
+std::size_t micro_shard_rows(std::size_t rows, std::size_t micros, int rank, int size,
+                             std::size_t chunk) {
+  std::size_t total = 0;
+  for (std::size_t m = 0; m < micros; ++m) {
+    total += micro_shard(rows, m, micros, rank, size, chunk).size();
+  }
+  return total;
+}
+
 }  // namespace shardprop

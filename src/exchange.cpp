@@ -38,22 +38,32 @@ std::size_t RowExchange::owner(std::uint32_t row) const {
   return r;
 }
 
-void RowExchange::gather(std::span<const std::uint32_t> batch, float* x, float* y) {
-  start(batch);
-  finish(batch, x, y);
+template <class Fn>
+void RowExchange::for_shard(std::size_t batch, int q, std::size_t micros, Fn&& fn) const {
+  for (std::size_t m = 0; m < micros; ++m) {
+    const Range part = micro_shard(batch, m, micros, q, comm_.size(), chunk_);
+    for (std::size_t j = part.begin; j < part.end; ++j) fn(j);
+  }
 }
 
-void RowExchange::start(std::span<const std::uint32_t> batch) {
+void RowExchange::gather(std::span<const std::uint32_t> batch, float* x, float* y,
+                         std::size_t micros) {
+  start(batch, micros);
+  finish(batch, x, y, micros);
+}
+
+void RowExchange::start(std::span<const std::uint32_t> batch, std::size_t micros) {
   const int p = comm_.size();
   const auto me = std::size_t(comm_.rank());
   // What every other rank needs from this one, in the order of its shard (this rank's own
   // rows it copies itself, below).
   std::size_t sent = 0;
   for (int q = 0; q < p; ++q) {
-    const Range shard = shard_range(batch.size(), q, p, chunk_);
     send_offsets_[std::size_t(q)] = sent;
-    for (std::size_t j = shard.begin; j < shard.end && std::size_t(q) != me; ++j) {
-      if (owner(batch[j]) == me) sent += width_;
+    if (std::size_t(q) != me) {
+      for_shard(batch.size(), q, micros, [&](std::size_t j) {
+        if (owner(batch[j]) == me) sent += width_;
+      });
     }
     send_counts_[std::size_t(q)] = sent - send_offsets_[std::size_t(q)];
   }
@@ -61,9 +71,8 @@ void RowExchange::start(std::span<const std::uint32_t> batch) {
   float* out = send_.data();
   for (int q = 0; q < p; ++q) {
     if (std::size_t(q) == me) continue;
-    const Range shard = shard_range(batch.size(), q, p, chunk_);
-    for (std::size_t j = shard.begin; j < shard.end; ++j) {
-      if (owner(batch[j]) != me) continue;
+    for_shard(batch.size(), q, micros, [&](std::size_t j) {
+      if (owner(batch[j]) != me) return;
       const std::size_t row = batch[j] - data_.first;
       std::copy_n(data_.features.data() + row * data_.cols, data_.cols, out);
       if (data_.has_labels()) {
@@ -73,14 +82,13 @@ void RowExchange::start(std::span<const std::uint32_t> batch) {
                     out + data_.cols);
       }
       out += width_;
-    }
+    });
   }
   // What this rank needs from every other, by owner.
-  const Range shard = shard_range(batch.size(), int(me), p, chunk_);
   std::fill(recv_counts_.begin(), recv_counts_.end(), 0);
-  for (std::size_t j = shard.begin; j < shard.end; ++j) {
+  for_shard(batch.size(), int(me), micros, [&](std::size_t j) {
     if (const std::size_t q = owner(batch[j]); q != me) recv_counts_[q] += width_;
-  }
+  });
   std::size_t received = 0;
   for (std::size_t q = 0; q < std::size_t(p); ++q) {
     recv_offsets_[q] = received;
@@ -93,28 +101,31 @@ void RowExchange::start(std::span<const std::uint32_t> batch) {
                         std::span(recv_counts_), std::span(recv_offsets_));
 }
 
-void RowExchange::finish(std::span<const std::uint32_t> batch, float* x, float* y) {
+void RowExchange::finish(std::span<const std::uint32_t> batch, float* x, float* y,
+                         std::size_t micros) {
   const auto me = std::size_t(comm_.rank());
-  const Range shard = shard_range(batch.size(), comm_.rank(), comm_.size(), chunk_);
   comm_.wait_alltoallv();
   // Each owner's rows arrive in the order of this shard: take them in turn.
-  for (std::size_t j = shard.begin; j < shard.end; ++j) {
-    const std::size_t q = owner(batch[j]), i = j - shard.begin;
+  std::size_t i = 0;  // the row of x and y
+  for_shard(batch.size(), comm_.rank(), micros, [&](std::size_t j) {
+    const std::size_t q = owner(batch[j]);
     if (q == me) {
       shardprop::gather(data_, batch.subspan(j, 1), k_, x + i * data_.cols, y + i * k_);
-      continue;
+      ++i;
+      return;
     }
     const float* row = recv_.data() + cursor_[q];
     cursor_[q] += width_;
     std::copy_n(row, data_.cols, x + i * data_.cols);
-    if (!data_.has_labels()) {
+    if (data_.has_labels()) {
+      std::int32_t label = 0;
+      std::memcpy(&label, row + data_.cols, sizeof label);
+      label_target(label, k_, y + i * k_);
+    } else {
       std::copy_n(row + data_.cols, k_, y + i * k_);
-      continue;
     }
-    std::int32_t label = 0;
-    std::memcpy(&label, row + data_.cols, sizeof label);
-    label_target(label, k_, y + i * k_);
-  }
+    ++i;
+  });
 }
 
 }  // namespace shardprop

@@ -24,17 +24,21 @@ class RowExchange {
 
   // Collective: every rank passes the same global batch (indices of the whole set). Writes
   // this rank's shard of it (shard_range(batch.size(), rank, P, chunk)) as gather() would:
-  // x (rows × D) and y (rows × k).
-  void gather(std::span<const std::uint32_t> batch, float* x, float* y);
+  // x (rows × D) and y (rows × k). With `micros` micro-batches, the shard is this rank's
+  // parts of them (micro_shard), one after the other.
+  void gather(std::span<const std::uint32_t> batch, float* x, float* y, std::size_t micros = 1);
   // gather() in two halves, so that the rows travel while the caller computes: start()
   // sends this rank's rows (collective), finish() waits for the others' and writes the
   // shard. The batch must stay valid in between.
-  void start(std::span<const std::uint32_t> batch);
-  void finish(std::span<const std::uint32_t> batch, float* x, float* y);
+  void start(std::span<const std::uint32_t> batch, std::size_t micros = 1);
+  void finish(std::span<const std::uint32_t> batch, float* x, float* y, std::size_t micros = 1);
 
  private:
   // The rank whose block holds `row`.
   std::size_t owner(std::uint32_t row) const;
+  // Calls fn(j) for each position j of rank q's shard of `batch`, in order.
+  template <class Fn>
+  void for_shard(std::size_t batch, int q, std::size_t micros, Fn&& fn) const;
 
   Communicator& comm_;
   const Dataset& data_;

@@ -53,14 +53,15 @@ class FixedScratch {
 // Each chunk's products come from calls that depend on the chunk and the shapes alone (fixed
 // blocks, never the thread count), and integer sums are exact, so the result is the same
 // whichever rank or thread holds which chunks. x (rows ≥ 1, in), delta (rows, out); dw (in ×
-// out, row-major) and db (out), whose old values are replaced. With `progress`, the blocks go
+// out, row-major) and db (out), whose old values are replaced (with `add`, added to). With
+// `progress`, the blocks go
 // a row of blocks at a time and progress() runs on the calling thread after each. The caller
 // chooses the exponents so that no sum can overflow (see fixed_point_exponent).
 template <class T>
 void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
                                  std::size_t chunk, int w_exp, int b_exp, std::int64_t* dw,
                                  std::int64_t* db, FixedScratch& scratch,
-                                 Callback progress = {});
+                                 Callback progress = {}, bool add = false);
 
 // The largest |value| that the chunk gradients of dense_backward_params_fixed can reach,
 // over the chunks of x and delta: for W, max|x| · Σ_rows max_j |delta_rj| of a chunk, and for

@@ -129,7 +129,8 @@ void add_fixed_exp(const T* const* v, std::size_t count, std::size_t n, int exp,
 template <class T>
 void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
                                  std::size_t chunk, int w_exp, int b_exp, std::int64_t* dw,
-                                 std::int64_t* db, FixedScratch& scratch, Callback progress) {
+                                 std::int64_t* db, FixedScratch& scratch, Callback progress,
+                                 bool add) {
   const auto rows = static_cast<std::size_t>(x.rows());
   const auto in = static_cast<std::size_t>(x.cols()), out = static_cast<std::size_t>(delta.cols());
   const std::size_t row_blocks = (in + kFixedBlock - 1) / kFixedBlock;
@@ -167,9 +168,9 @@ void dense_backward_params_fixed(ConstMatrixView<T> x, ConstMatrixView<T> delta,
       for (std::size_t i = 0; i < ni; ++i) {
         const T* row[kFixedGroup];
         for (std::size_t q = 0; q < count; ++q) row[q] = products[q] + i * nj;
-        add_fixed_exp(row, count, nj, w_exp, dw + (i0 + i) * out + j0, g0 == 0);
+        add_fixed_exp(row, count, nj, w_exp, dw + (i0 + i) * out + j0, g0 == 0 && !add);
       }
-      if (i0 == 0) add_fixed_exp(sums, count, nj, b_exp, db + j0, g0 == 0);
+      if (i0 == 0) add_fixed_exp(sums, count, nj, b_exp, db + j0, g0 == 0 && !add);
     }
   };
   scratch.execute([&] {
@@ -237,7 +238,7 @@ GradientBound chunk_gradient_bound(ConstMatrixView<T> x, ConstMatrixView<T> delt
 #define SP_INSTANTIATE(T)                                                                     \
   template void dense_backward_params_fixed<T>(ConstMatrixView<T>, ConstMatrixView<T>,        \
                                                std::size_t, int, int, std::int64_t*,          \
-                                               std::int64_t*, FixedScratch&, Callback);    \
+                                               std::int64_t*, FixedScratch&, Callback, bool); \
   template T* FixedScratch::local<T>();                                                       \
   template GradientBound chunk_gradient_bound<T>(ConstMatrixView<T>, ConstMatrixView<T>,      \
                                                  std::size_t);                                \

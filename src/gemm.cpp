@@ -133,6 +133,8 @@ using PrimitiveDesc =
                     DnnlDeleter<dnnl_primitive_desc_t, dnnl_primitive_desc_destroy>>;
 using Attr = std::unique_ptr<std::remove_pointer_t<dnnl_primitive_attr_t>,
                              DnnlDeleter<dnnl_primitive_attr_t, dnnl_primitive_attr_destroy>>;
+using PostOps = std::unique_ptr<std::remove_pointer_t<dnnl_post_ops_t>,
+                                DnnlDeleter<dnnl_post_ops_t, dnnl_post_ops_destroy>>;
 using Memory = std::unique_ptr<std::remove_pointer_t<dnnl_memory_t>,
                                DnnlDeleter<dnnl_memory_t, dnnl_memory_destroy>>;
 
@@ -154,7 +156,7 @@ struct Matmul {
   AlignedVector<unsigned char> scratch_bytes;
 };
 
-using Key = std::array<std::int64_t, 8>;
+using Key = std::array<std::int64_t, 9>;  // shapes, ops, strides, and whether c is added to
 struct KeyHash {
   std::size_t operator()(const Key& k) const {
     std::size_t h = 0;
@@ -191,6 +193,13 @@ std::unique_ptr<Matmul> make_matmul(const Key& k) {
   const Attr attr(attr_h);
   check_dnnl(dnnl_primitive_attr_set_scratchpad_mode(attr.get(), dnnl_scratchpad_mode_user),
              "dnnl_primitive_attr_set_scratchpad_mode");
+  if (k[8] != 0) {  // c += a·b: a sum post-op
+    dnnl_post_ops_t ops = nullptr;
+    check_dnnl(dnnl_post_ops_create(&ops), "dnnl_post_ops_create");
+    const PostOps owned(ops);
+    check_dnnl(dnnl_post_ops_append_sum(ops, 1.0f), "dnnl_post_ops_append_sum");
+    check_dnnl(dnnl_primitive_attr_set_post_ops(attr.get(), ops), "dnnl_primitive_attr_set_post_ops");
+  }
   dnnl_primitive_desc_t pd_h = nullptr;
   check_dnnl(dnnl_primitive_desc_create(&pd_h, &desc, attr.get(), engine(), nullptr),
              "dnnl_primitive_desc_create (bf16 matmul)");
@@ -220,7 +229,7 @@ struct ThreadMatmuls {
 };
 
 void onednn_multiply_bf16(Op op_a, Op op_b, const View<const Bf16>& a, const View<const Bf16>& b,
-                          const View<float>& c) {
+                          const View<float>& c, bool add) {
   onednn_thread();
   thread_local ThreadMatmuls mine;
   if (!mine.stream) {
@@ -229,7 +238,7 @@ void onednn_multiply_bf16(Op op_a, Op op_b, const View<const Bf16>& a, const Vie
     mine.stream.reset(s);
   }
   const Key key = {c.rows, c.cols, depth(op_a, a), std::int64_t(op_a), std::int64_t(op_b),
-                   a.ld, b.ld, c.ld};
+                   a.ld, b.ld, c.ld, add ? 1 : 0};
   auto found = mine.cache.find(key);
   if (found == mine.cache.end()) {
     // Shapes repeat every step; a run that keeps making new ones (odd batch sizes in eval)
@@ -409,15 +418,16 @@ void multiply(Op op_a, Op op_b, T alpha, const View<const T>& a, const View<cons
 }
 
 void multiply_bf16(Op op_a, Op op_b, const View<const Bf16>& a, const View<const Bf16>& b,
-                   const View<float>& c) {
+                   const View<float>& c, bool add) {
   if (c.rows == 0 || c.cols == 0) return;
 #ifdef SHARDPROP_HAVE_ONEDNN
   if (depth(op_a, a) == 0) {  // oneDNN refuses a product of depth 0: it is zeros
-    scale(0.0f, c);
+    if (!add) scale(0.0f, c);
     return;
   }
-  onednn_multiply_bf16(op_a, op_b, a, b, c);
+  onednn_multiply_bf16(op_a, op_b, a, b, c, add);
 #else
+  (void)add;
   (void)op_a;
   (void)op_b;
   (void)a;

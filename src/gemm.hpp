@@ -41,10 +41,10 @@ template <class T>
 void multiply(Backend backend, Op op_a, Op op_b, T alpha, const View<const T>& a,
               const View<const T>& b, T beta, const View<T>& c);
 
-// c = op(a)·op(b) with bfloat16 operands, accumulated and stored in float32, by oneDNN
-// whatever the current backend (bf16_supported() must hold).
+// c = op(a)·op(b) (or with `add`, c += op(a)·op(b)) with bfloat16 operands, accumulated and
+// stored in float32, by oneDNN whatever the current backend (bf16_supported() must hold).
 void multiply_bf16(Op op_a, Op op_b, const View<const Bf16>& a, const View<const Bf16>& b,
-                   const View<float>& c);
+                   const View<float>& c, bool add = false);
 
 // Rounds n floats to bfloat16, to nearest with ties to even (NaN stays NaN).
 void to_bf16(const float* in, Bf16* out, std::size_t n);

@@ -200,7 +200,11 @@ Range bias_columns(std::size_t cols, std::size_t k, std::size_t tasks) {
 template <class T>
 void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, MatrixView<T> dw,
                            RowVectorView<T> db, Callback progress, const std::uint16_t* x_bf16,
-                           const std::uint16_t* delta_bf16) {
+                           const std::uint16_t* delta_bf16, bool add) {
+  if (add && x.rows() == 0) {  // nothing to add
+    if (progress) progress();
+    return;
+  }
   const auto in = static_cast<std::size_t>(x.cols());
   const auto cols = static_cast<std::size_t>(delta.cols());
   // Rows [p0, p1) of dw, in row blocks (one per thread); the first part's tasks also sum
@@ -219,11 +223,11 @@ void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, Matri
             return gemm::multiply_bf16(
                 Op::transpose, Op::none,
                 bf16_view(x_bf16, x, Eigen::Index(r0), Eigen::Index(r1 - r0)),
-                bf16_view(delta_bf16, delta, 0, delta.cols()), rows_of(dw, r0, r1 - r0));
+                bf16_view(delta_bf16, delta, 0, delta.cols()), rows_of(dw, r0, r1 - r0), add);
           }
         }
         gemm::multiply<T>(Op::transpose, Op::none, T(1), cols_of(x, r0, r1 - r0), whole(delta),
-                          T(0), rows_of(dw, r0, r1 - r0));
+                          T(add ? 1 : 0), rows_of(dw, r0, r1 - r0));
       };
       product();
       if (p0 != 0) return;
@@ -231,7 +235,7 @@ void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, Matri
       // matrix would stride through memory).
       const Range c = bias_columns(cols, k, tasks);
       auto sum = db.segment(Eigen::Index(c.begin), Eigen::Index(c.size()));
-      sum.setZero();
+      if (!add) sum.setZero();
       for (Eigen::Index r = 0; r < delta.rows(); ++r) {
         sum += delta.row(r).segment(Eigen::Index(c.begin), Eigen::Index(c.size()));
       }
@@ -379,7 +383,7 @@ void for_each_chunk(std::size_t chunks, FunctionRef<std::size_t> body) {
                                  Activation, MatrixView<T>, std::size_t, ChunkScratch<T>&);    \
   template void dense_backward_params<T>(ConstMatrixView<T>, ConstMatrixView<T>, MatrixView<T>, \
                                          RowVectorView<T>, Callback, const std::uint16_t*,   \
-                                         const std::uint16_t*);                              \
+                                         const std::uint16_t*, bool);                        \
   template void dense_backward_input<T>(ConstMatrixView<T>, ConstMatrixView<T>,                \
                                         ConstMatrixView<T>, Activation, MatrixView<T>,         \
                                         std::size_t, ChunkScratch<T>&);        \

@@ -39,7 +39,8 @@ void dense_backward_input(ConstMatrixView<T> delta, ConstMatrixView<T> w,
                           std::size_t chunk, ChunkScratch<T>& scratch);
 
 // dw = xᵀ·delta and db = column sums of delta (the summed bias rows); both are written, not
-// added to, so the caller need not clear them first (0 rows give zeros).
+// added to, so the caller need not clear them first (0 rows give zeros); with `add`, both
+// are added to instead (gradient accumulation).
 // x (rows, in), delta (rows, out), dw (in, out), db (out). Split over the rows of dw (the
 // inputs), so each thread writes one contiguous block and no per-thread reduction is
 // needed; db is split over its columns among the same tasks.
@@ -51,7 +52,7 @@ template <class T>
 void dense_backward_params(ConstMatrixView<T> x, ConstMatrixView<T> delta, MatrixView<T> dw,
                            RowVectorView<T> db, Callback progress = {},
                            const std::uint16_t* x_bf16 = nullptr,
-                           const std::uint16_t* delta_bf16 = nullptr);
+                           const std::uint16_t* delta_bf16 = nullptr, bool add = false);
 
 // The bf16 mode's forward and input-gradient kernels: as dense_forward and
 // dense_backward_input, with the products on bfloat16 operands summed in float32 and the

@@ -30,11 +30,12 @@ double seconds(Clock::time_point from, Clock::time_point to) {
 enum Stat : std::size_t { kLossSum = 0, kCorrect = 1, kSamples = 2, kStats = 3 };
 
 // Layer l's gradient sums over this rank's rows, into `grad` (the parameters' layout).
+// With `add`, added to what `grad` holds (a later micro-batch of the step).
 template <class T>
 void layer_sums(const Layout& layout, std::span<T> grad, std::size_t l, ConstMatrixView<T> input,
-                ConstMatrixView<T> delta, Bf16Operands bf16, Callback progress) {
+                ConstMatrixView<T> delta, Bf16Operands bf16, Callback progress, bool add) {
   dense_backward_params<T>(input, delta, layout.weights(grad, l), layout.bias(grad, l), progress,
-                           bf16.input, bf16.delta);
+                           bf16.input, bf16.delta, add);
 }
 
 // mean[i] = (sums[0][i] + sums[1][i] + …) · scale for i in `range`, adding the sources in
@@ -150,8 +151,9 @@ class FloatReducer final : public GradReducer<T> {
 
   void loss(std::span<const LossSums> sums) override {
     const std::size_t n = layout_.size();
-    grad_[n + kLossSum] = T(sums[0].loss);
-    grad_[n + kCorrect] = T(sums[0].correct);
+    const bool add = !this->first_micro();
+    grad_[n + kLossSum] = (add ? grad_[n + kLossSum] : T(0)) + T(sums[0].loss);
+    grad_[n + kCorrect] = (add ? grad_[n + kCorrect] : T(0)) + T(sums[0].correct);
     grad_[n + kSamples] = T(rows_);
   }
 
@@ -164,8 +166,8 @@ class FloatReducer final : public GradReducer<T> {
     const auto advance = [this] { comm_.progress(); };
     const std::span<T> grad(grad_);
     layer_sums(layout_, grad, l, input, delta, bf16,
-               comm_.size() > 1 ? Callback(advance) : Callback());
-    if (overlap_) {
+               comm_.size() > 1 ? Callback(advance) : Callback(), !this->first_micro());
+    if (overlap_ && this->last_micro()) {
       const auto [begin, end] = layout_.layer_range(l);
       comm_.start_allreduce_sum(grad.subspan(begin, end - begin));
       comm_.progress();
@@ -286,8 +288,9 @@ class NodeReducer final : public GradReducer<T> {
 
   void loss(std::span<const LossSums> sums) override {
     Slot& mine = slots_[comm_.rank()];
-    mine.loss = sums[0].loss;
-    mine.correct = sums[0].correct;
+    const bool add = !this->first_micro();
+    mine.loss = (add ? mine.loss : 0.0) + sums[0].loss;
+    mine.correct = (add ? mine.correct : 0.0) + sums[0].correct;
     mine.samples = double(rows_);
   }
 
@@ -298,7 +301,7 @@ class NodeReducer final : public GradReducer<T> {
     // as across nodes.
     const auto nothing = [] {};
     layer_sums(layout_, std::span<T>(own_, layout_.size()), l, input, delta, bf16,
-               comm_.size() > 1 ? Callback(nothing) : Callback());
+               comm_.size() > 1 ? Callback(nothing) : Callback(), !this->first_micro());
   }
 
   // Nothing of the gradient's to advance, but the rows of the next step may be travelling.
@@ -420,6 +423,7 @@ class FixedPointReducer final : public GradReducer<float> {
         memory_(std::move(memory)),
         storage_size_(storage),
         exponents_(2 * layout.layer_count(), 0),
+        measured_(2 * layout.layer_count() + 1, 0.0),
         share_{0, layout.size()} {
     SP_CHECK(chunk > 0, "the fixed-point reducer needs a chunk size");
     const std::size_t n = layout.size();
@@ -456,14 +460,25 @@ class FixedPointReducer final : public GradReducer<float> {
     std::fill(sums_ + layout_.size(), sums_ + layout_.size() + kStats, 0);
     nonfinite_layer_ = -1;
     loss_bound_ = 0;
+    std::fill(measured_.begin(), measured_.end(), 0.0);
   }
 
+  bool needs_bounds() const override { return true; }
+
   void loss(std::span<const LossSums> sums) override {
-    chunk_sums_ = sums;
     const std::size_t n = layout_.size();
+    if (measuring_) {
+      for (const LossSums& s : sums) {
+        measured_.back() = std::max(measured_.back(), max_safe(std::abs(s.loss)));
+      }
+      return;
+    }
+    chunk_sums_ = sums;
     for (const LossSums& s : sums) {
       loss_bound_ = std::max(loss_bound_, max_safe(std::abs(s.loss)));
       sums_[n + kCorrect] += std::int64_t(s.correct);
+      // A micro-batch's chunks, at the exponent its measuring pass agreed on.
+      if (micros_ > 1 && loss_finite_) sums_[n + kLossSum] += to_fixed(s.loss, loss_exp_);
     }
     sums_[n + kSamples] = std::int64_t(rows_);
   }
@@ -474,6 +489,7 @@ class FixedPointReducer final : public GradReducer<float> {
              Bf16Operands bf16) override {
     SP_CHECK(!bf16.input, "the deterministic mode has no bf16 products");
     const std::size_t layers = layout_.layer_count();
+    if (micros_ > 1) return accumulate(l, input, delta);
     const bool last = l + 1 == layers;
     GradientBound bound;
     if (rows_ > 0) bound = chunk_gradient_bound<float>(input, delta, chunk_);
@@ -509,7 +525,7 @@ class FixedPointReducer final : public GradReducer<float> {
 
   MinibatchStats finish(Callback before_wait, StepTimes* times, ShareUpdate<float>*) override {
     const std::size_t n = layout_.size();
-    if (rows_ > 0 && loss_finite_) {
+    if (micros_ == 1 && rows_ > 0 && loss_finite_) {
       for (const LossSums& s : chunk_sums_) sums_[n + kLossSum] += to_fixed(s.loss, loss_exp_);
     }
     if (!memory_) comm_.start_allreduce_sum(std::span<std::int64_t>(sums_ + n, kStats));
@@ -592,6 +608,60 @@ class FixedPointReducer final : public GradReducer<float> {
   void meet(const char* what) { barrier_->arrive_and_wait(comm_.size(), comm_, what); }
 
   // The largest of every rank's `values` for layer l, in place.
+  // Accumulation: the measuring pass keeps the largest bounds of every micro-batch; the
+  // ranks agree on them before the first micro-batch is summed, so every chunk of the step
+  // is summed at the exponents P·K ranks would agree on for one micro-batch each.
+  void on_micro() override {
+    if (micros_ > 1 && micro_ == 0 && !measuring_) agree_measured();
+  }
+
+  void agree_measured() {
+    const std::size_t layers = layout_.layer_count();
+    for (std::size_t l = layers; l-- > 0;) {
+      double agreed[3] = {measured_[l], measured_[layers + l], measured_.back()};
+      agree_max(l, std::span<double>(agreed, 3));
+      if (l + 1 == layers) {
+        loss_finite_ = std::isfinite(agreed[2]);
+        if (loss_finite_) loss_exp_ = fixed_point_exponent(agreed[2], terms_);
+      }
+      if (!std::isfinite(agreed[0]) || !std::isfinite(agreed[1])) {
+        nonfinite_layer_ = int(l);
+        continue;
+      }
+      exponents_[l] = fixed_point_exponent(agreed[0], terms_);
+      exponents_[layers + l] = fixed_point_exponent(agreed[1], terms_);
+    }
+  }
+
+  // A micro-batch's layer: measured, or added at the agreed exponents (reduced after the
+  // last micro-batch).
+  void accumulate(std::size_t l, ConstMatrixView<float> input, ConstMatrixView<float> delta) {
+    const std::size_t layers = layout_.layer_count();
+    if (measuring_) {
+      if (input.rows() == 0) return;
+      const GradientBound bound = chunk_gradient_bound<float>(input, delta, chunk_);
+      measured_[l] = std::max(measured_[l], max_safe(bound.w));
+      measured_[layers + l] = std::max(measured_[layers + l], max_safe(bound.b));
+      return;
+    }
+    if (nonfinite_layer_ >= 0) return;  // every rank knows; nothing is reduced
+    const Layout::Block& block = layout_.block(l);
+    const auto [begin, end] = layout_.layer_range(l);
+    if (input.rows() > 0) {
+      const auto advance = [this] { comm_.progress(); };
+      dense_backward_params_fixed<float>(
+          input, delta, chunk_, exponents_[l], exponents_[layers + l], sums_ + block.w_offset,
+          sums_ + block.b_offset, scratch_,
+          comm_.size() > 1 && !memory_ ? Callback(advance) : Callback(), !first_micro());
+    } else if (first_micro()) {
+      std::fill(sums_ + begin, sums_ + end, 0);
+    }
+    if (!memory_ && last_micro()) {
+      comm_.start_allreduce_sum(std::span<std::int64_t>(sums_ + begin, end - begin));
+      comm_.progress();
+    }
+  }
+
   void agree_max(std::size_t l, std::span<double> values) {
     if (!memory_) {
       comm_.allreduce_max(values);
@@ -640,6 +710,7 @@ class FixedPointReducer final : public GradReducer<float> {
   float* storage_ = nullptr;
   FixedScratch scratch_;            // each thread's chunk products
   std::vector<int> exponents_;      // each layer's W exponent, then each layer's b exponent
+  std::vector<double> measured_;    // accumulation: each W's and b's bound, then the loss's
   Range share_;
   std::span<const LossSums> chunk_sums_;
   std::size_t rows_ = 0, terms_ = 0;

@@ -18,8 +18,8 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNone = -kInf;  // no lower bound
 
 // Checkpoint format version 3 added the settings that version 2 did not store, 4 the
-// precision, 5 the training recipe (schedules, clipping, validation and early
-// stopping).
+// precision, 5 the training recipe (schedules, accumulation, clipping, validation
+// and early stopping).
 constexpr int v2 = 2, v3 = 3, v4 = 4, v5 = 5;
 
 // clang-format off
@@ -62,6 +62,10 @@ const SettingSpec kTable[] = {
   {"--lr-scale-batch", &Settings::lr_scale_batch, "The linear scaling rule: --lr is for this "
    "global batch, and runs with lr × --batch / B0 (0: --lr as given)", R::restored,
    "/train/lr_scale_batch", v5, nullptr, 0, false, kInf, false},
+  {"--accumulate", &Settings::accumulate, "Micro-batches per optimizer step: each rank "
+   "computes the global batch in K passes of --batch / K rows and the ranks reduce once, "
+   "after the last (for a batch that does not fit in memory at once)", R::restored,
+   "/train/accumulate", v5, nullptr, 0, true, kInf, false},
   {"--clip-norm", &Settings::clip_norm, "Scale the reduced gradient down to this global norm "
    "(all layers together) when it is larger; 0: never", R::restored, "/train/clip_norm", v5,
    nullptr, 0, false, kInf, false},
@@ -309,6 +313,8 @@ void check_combinations(const Settings& s, const GivenFlags& given) {
                  "epochs), got '", s.lr_milestones, "'");
   SP_CHECK_USAGE(s.lr_schedule != "multistep" || !milestones.empty(),
                  "--lr-schedule multistep needs --lr-milestones (epochs, increasing)");
+  SP_CHECK_USAGE(s.batch % s.accumulate == 0, "--accumulate ", s.accumulate,
+                 " does not divide --batch ", s.batch, " into equal micro-batches");
 }
 
 MergedSettings merge_resumed(const Settings& cli, const GivenFlags& given, const Settings& stored,

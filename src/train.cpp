@@ -147,17 +147,24 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
     own_params_.assign(mlp_.layout().size(), 0.0f);
     params_ = own_params_;
   }
-  std::size_t shard_rows = 0;  // the most rows any rank's shard can hold
+  // The most rows any rank's shard can hold (its parts of every micro-batch), and the most
+  // any one pass of forward and backward takes (a micro-batch's part).
+  std::size_t shard_rows = 0, pass_rows = 0;
+  const std::size_t micros = settings_.accumulate;
   for (int r = 0; r < comm_.size(); ++r) {
-    shard_rows = std::max(
-        shard_rows, shard_range(settings_.batch, r, comm_.size(), mlp_.chunk()).size());
+    shard_rows = std::max(shard_rows, micro_shard_rows(settings_.batch, micros, r, comm_.size(),
+                                                       mlp_.chunk()));
+    for (std::size_t m = 0; m < micros; ++m) {
+      pass_rows = std::max(pass_rows, micro_shard(settings_.batch, m, micros, r, comm_.size(),
+                                                  mlp_.chunk()).size());
+    }
   }
   for (int b = 0; b < 2; ++b) {
     x_[b].resize(shard_rows * train_.cols);
     y_[b].resize(shard_rows * spec().output_width());
   }
   // The training step's buffers; an evaluation sizes its forward buffers when it first runs.
-  mlp_.reserve(shard_rows);
+  mlp_.reserve(pass_rows);
   if (comm_.rank() == 0) init_params<float>(spec(), layout(), settings_.seed, params_);
   if (own_params_.size() > 0) {
     comm_.broadcast(params_, 0);
@@ -168,12 +175,22 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
 
 Trainer::~Trainer() = default;
 
-void Trainer::gather_shard(std::span<const std::uint32_t> batch, float* x, float* y) {
-  if (exchange_) return exchange_->gather(batch, x, y);
-  const Range shard = shard_range(batch.size(), comm_.rank(), comm_.size(), mlp_.chunk());
-  const auto mine = batch.subspan(shard.begin, shard.size());
-  if (stream_) return stream_->gather(mine, spec().output_width(), x, y);
-  gather(train_, mine, spec().output_width(), x, y);
+void Trainer::gather_shard(std::span<const std::uint32_t> batch, float* x, float* y,
+                           std::size_t micros) {
+  if (exchange_) return exchange_->gather(batch, x, y, micros);
+  const std::size_t k = spec().output_width();
+  for (std::size_t m = 0; m < micros; ++m) {
+    const Range part =
+        micro_shard(batch.size(), m, micros, comm_.rank(), comm_.size(), mlp_.chunk());
+    const auto mine = batch.subspan(part.begin, part.size());
+    if (stream_) {
+      stream_->gather(mine, k, x, y);
+    } else {
+      gather(train_, mine, k, x, y);
+    }
+    x += part.size() * train_.cols;
+    y += part.size() * k;
+  }
 }
 
 void Trainer::check_agreement() {
@@ -238,25 +255,27 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
                              std::span<const std::uint32_t> next_batch) {
   const auto start = Clock::now();
   const std::size_t k = spec().output_width(), chunk = mlp_.chunk();
-  const Range shard = shard_range(global_batch.size(), comm_.rank(), comm_.size(), chunk);
+  const std::size_t micros = settings_.accumulate;
   const int now = current_;
   const bool ready = prefetched_.data() == global_batch.data() &&
                      prefetched_.size() == global_batch.size() && !global_batch.empty();
-  if (!ready) gather_shard(global_batch, x_[now].data(), y_[now].data());
+  if (!ready) gather_shard(global_batch, x_[now].data(), y_[now].data(), micros);
   // Partitioned: the next step's rows travel while this one computes (backward's progress
   // calls advance them), and arrive where the others are gathered.
   const bool exchanging = exchange_ && !next_batch.empty();
-  if (exchanging) exchange_->start(next_batch);
+  if (exchanging) exchange_->start(next_batch, micros);
   const auto prefetch = [&] {
-    if (exchanging) return exchange_->finish(next_batch, x_[1 - now].data(), y_[1 - now].data());
-    gather_shard(next_batch, x_[1 - now].data(), y_[1 - now].data());
+    if (exchanging) {
+      return exchange_->finish(next_batch, x_[1 - now].data(), y_[1 - now].data(), micros);
+    }
+    gather_shard(next_batch, x_[1 - now].data(), y_[1 - now].data(), micros);
   };
   // Streamed: the next step's rows are read while this one computes, and waited for where
   // the others gather them.
   const bool in_background = reader_ && !next_batch.empty();
   if (in_background) {
-    reader_->start([this, next_batch, next = 1 - now] {
-      gather_shard(next_batch, x_[next].data(), y_[next].data());
+    reader_->start([this, next_batch, next = 1 - now, micros] {
+      gather_shard(next_batch, x_[next].data(), y_[next].data(), micros);
     });
   }
   const auto wait_for_reader = [&] { reader_->wait(); };
@@ -264,13 +283,31 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
   // Every collective from here until the next step (the checkpoint of this step included)
   // names the step if it fails.
   comm_.set_phase("step", state_.step + 1);
-  const auto rows = Eigen::Index(shard.size());
-  reducer_->begin(shard.size(), global_batch.size());
-  // Dropout masks follow the step and each row's sample, whichever rank computes it.
-  const DropoutKeys keys{settings_.seed, state_.step, global_batch.data() + shard.begin};
-  mlp_.forward_backward(params_, ConstMatrixView<float>(x_[now].data(), rows, Eigen::Index(train_.cols)),
-                        ConstMatrixView<float>(y_[now].data(), rows, Eigen::Index(k)), *reducer_,
-                        spec().has_dropout() ? &keys : nullptr);
+  reducer_->begin(
+      micro_shard_rows(global_batch.size(), micros, comm_.rank(), comm_.size(), chunk),
+      global_batch.size());
+  // Forward and backward over each micro-batch's part (the whole shard without
+  // accumulation); their sums add up in the reducer, which reduces after the last.
+  const auto pass = [&](std::size_t m, std::size_t offset) {
+    const Range part =
+        micro_shard(global_batch.size(), m, micros, comm_.rank(), comm_.size(), chunk);
+    const auto rows = Eigen::Index(part.size());
+    // Dropout masks follow the step and each row's sample, whichever rank computes it.
+    const DropoutKeys keys{settings_.seed, state_.step, global_batch.data() + part.begin};
+    mlp_.forward_backward(
+        params_,
+        ConstMatrixView<float>(x_[now].data() + offset * train_.cols, rows, Eigen::Index(train_.cols)),
+        ConstMatrixView<float>(y_[now].data() + offset * k, rows, Eigen::Index(k)), *reducer_,
+        spec().has_dropout() ? &keys : nullptr);
+    return part.size();
+  };
+  for (int measure = micros > 1 && reducer_->needs_bounds() ? 1 : 0; measure >= 0; --measure) {
+    std::size_t offset = 0;
+    for (std::size_t m = 0; m < micros; ++m) {
+      reducer_->micro(m, micros, measure == 1);
+      offset += pass(m, offset);
+    }
+  }
   optimizer_.set_lr(learning_rate(state_.step));
   const Callback before_wait = next_batch.empty() ? Callback()
                                : in_background    ? Callback(wait_for_reader)

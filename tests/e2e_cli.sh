@@ -95,6 +95,7 @@ single 2 "--lr-milestones '30,20': the epochs must increase (30 then 20)" train 
 single 2 "--layers: dropout 1 in '16:relu:dropout=1' must be >= 0 and < 1" train --train train.h5 --layers 10,16:relu:dropout=1,4
 single 2 "--val-fraction: must be >= 0 and < 1, got '1.5'" train --train train.h5 --val-fraction 1.5
 single 2 "--early-stop-patience and --monitor need a validation set" train --train train.h5 --early-stop-patience 3
+single 2 "--accumulate 3 does not divide --batch 256 into equal micro-batches" train --train train.h5 --accumulate 3
 
 # --threads above the cores mpirun gave each rank: honoured, and the header says so.
 bound=()

@@ -85,8 +85,8 @@ for np in 2 4 1; do
 done
 "$shardprop" info "$work/ck/ckpt-000000059.h5" | grep -q "deterministic, chunks of 8 rows"
 
-# The training recipe: dropout, a validation split, clipping, warmup and a multistep
-# schedule keep the guarantee: the same model, best model and metrics (validation
+# The training recipe: dropout, a validation split, clipping, warmup, a multistep
+# schedule and gradient accumulation keep the guarantee: the same model, best model and metrics (validation
 # included) on 1 to 3 ranks, with each placement (the held-out rows travel to the ranks
 # that validate them like a minibatch's), and after a resume on another rank count.
 recipe=(--train "$work/train.h5" --layers 10,32:relu:dropout=0.3,16:tanh:dropout=0.1,4:softmax
@@ -96,14 +96,15 @@ recipe=(--train "$work/train.h5" --layers 10,32:relu:dropout=0.3,16:tanh:dropout
 train 1 "${recipe[@]}" --checkpoint-dir "$work/r1" --metrics "$work/r1.jsonl" > /dev/null
 grep -q '"val_loss":' "$work/r1.jsonl"
 grep -q '"clipped_steps":[1-9]' "$work/r1.jsonl"
-for run in "2 partitioned" "3 replicated" "3 streamed"; do
-  read -r np placement <<< "$run"
-  train "$np" "${recipe[@]}" --data-placement "$placement" --checkpoint-dir "$work/r$np$placement" \
-    --metrics "$work/r$np$placement.jsonl" > /dev/null
-  "$python" "$tool" same "$work/r1/$(cat "$work/r1/latest")" \
-    "$work/r$np$placement/$(cat "$work/r$np$placement/latest")"
-  "$python" "$tool" same "$work/r1/best.h5" "$work/r$np$placement/best.h5"
-  diff <(metrics "$work/r1.jsonl") <(metrics "$work/r$np$placement.jsonl")
+# With --accumulate K, P ranks give P·K ranks' bits (so 1 rank's).
+for run in "2 partitioned 1" "3 replicated 1" "3 streamed 1" "2 partitioned 3" "1 streamed 2"; do
+  read -r np placement micros <<< "$run"
+  name=$work/r$np$placement$micros
+  train "$np" "${recipe[@]}" --data-placement "$placement" --accumulate "$micros" \
+    --checkpoint-dir "$name" --metrics "$name.jsonl" > /dev/null
+  "$python" "$tool" same "$work/r1/$(cat "$work/r1/latest")" "$name/$(cat "$name/latest")"
+  "$python" "$tool" same "$work/r1/best.h5" "$name/best.h5"
+  diff <(metrics "$work/r1.jsonl") <(metrics "$name.jsonl")
 done
 train 3 "${recipe[@]}" --checkpoint-dir "$work/rs" --stop-at-step 50 > /dev/null
 train 2 --train "$work/train.h5" --resume "$work/rs" --threads 2 --progress never > /dev/null

@@ -338,6 +338,87 @@ TEST(Clipping, DeterministicModeKeepsItsBitsForAnyRanks) {
   EXPECT_EQ(params[2], params[0]);
 }
 
+// ---- gradient accumulation ------------------------------------------------------------------
+
+// P ranks with K micro-batches give the bits of P·K ranks with one, in the deterministic
+// mode: 70 samples in batches of 24 (the last of 22), chunks of 4, with dropout and
+// clipping, through node memory and through MPI.
+TEST(Accumulation, PRanksWithKMicroBatchesGiveTheBitsOfPKRanks) {
+  const Dataset data = testing::noisy_classes(70, 6, 3, 1.0);
+  Settings config = settings_for("6,20:relu:dropout=0.25,10:tanh,3:softmax", 24);
+  config.deterministic = true;
+  config.chunk = 4;
+  config.epochs = 2;
+  config.clip_norm = 0.2;
+  const auto train = [&](int ranks, std::uint64_t micros, const char* reduction) {
+    std::vector<float> params;
+    Settings s = config;
+    s.accumulate = micros;
+    s.reduction = reduction;
+    testing::run_ranks(ranks, [&](Communicator& comm) {
+      Trainer trainer(s, comm, data);
+      TrainObserver quiet;
+      trainer.run(nullptr, quiet);
+      if (comm.rank() == 0) params.assign(trainer.params().begin(), trainer.params().end());
+    });
+    return params;
+  };
+  for (const char* reduction : {"node", "mpi"}) {
+    for (const auto& [ranks, micros] : {std::pair(1, 2), std::pair(1, 3), std::pair(2, 2),
+                                        std::pair(1, 6), std::pair(2, 3)}) {
+      EXPECT_EQ(train(ranks, std::uint64_t(micros), reduction),
+                train(ranks * micros, 1, reduction))
+          << ranks << " ranks x " << micros << " micro-batches, " << reduction;
+    }
+  }
+  // The deterministic mode gives P·K ranks the bits of one, so these also equal one rank
+  // without accumulation. Optimizer steps on each micro-batch of 12 instead give others.
+  const std::vector<float> accumulated = train(1, 2, "mpi");
+  config.batch = 12;
+  EXPECT_NE(train(1, 1, "mpi"), accumulated);
+}
+
+// In the default mode the sums are float, added in another order: the mean gradient of a
+// step with K micro-batches is within relative 1e-5 of P·K ranks' (float32 sums of 60 rows
+// round at about 1e-7 relative; 1e-5 leaves room for the larger terms' cancellation).
+TEST(Accumulation, DefaultModeGradientIsCloseToPKRanks) {
+  const Dataset data = testing::noisy_classes(60, 6, 3, 1.0);
+  Settings config = settings_for("6,24:relu,12:sigmoid,3:softmax", 60);
+  config.lr = 1;
+  config.momentum = 0;
+  config.max_steps = 1;
+  const auto gradient = [&](int ranks, std::uint64_t micros, const char* reduction) {
+    std::vector<float> before, after;
+    Settings s = config;
+    s.accumulate = micros;
+    s.reduction = reduction;
+    testing::run_ranks(ranks, [&](Communicator& comm) {
+      Trainer trainer(s, comm, data);
+      if (comm.rank() == 0) before.assign(trainer.params().begin(), trainer.params().end());
+      TrainObserver quiet;
+      trainer.run(nullptr, quiet);
+      if (comm.rank() == 0) after.assign(trainer.params().begin(), trainer.params().end());
+    });
+    AlignedVector<float> g(before.size());
+    for (std::size_t i = 0; i < g.size(); ++i) g[i] = before[i] - after[i];  // lr 1: −Δw = g
+    return g;
+  };
+  const Layout layout(parse_model(config.layers, config.loss));
+  for (const char* reduction : {"node", "mpi"}) {
+    const AlignedVector<float> reference = gradient(4, 1, reduction);
+    EXPECT_LT(testing::max_relative_error<float>(layout, gradient(1, 4, reduction), reference), 1e-5)
+        << reduction;
+    EXPECT_LT(testing::max_relative_error<float>(layout, gradient(2, 2, reduction), reference), 1e-5)
+        << reduction;
+    // The accumulated gradient is not one micro-batch's: 15 rows alone give another.
+    Settings s = config;
+    config.batch = 15;
+    EXPECT_GT(testing::max_relative_error<float>(layout, gradient(1, 1, reduction), reference),
+              1e-2);
+    config = s;
+  }
+}
+
 // ---- validation, early stopping, the best model -------------------------------------------
 
 class Validation : public testing::TempDirTest {};

@@ -140,6 +140,12 @@ TEST(Settings, RecipeCombinationsAreCheckedBeforeTraining) {
                      "--val and --val-fraction each name a validation set: give one");
   s.val.clear();
   EXPECT_NO_THROW(check_combinations(s, {"--val-fraction", "--early-stop-patience"}));
+  s.batch = 48;
+  s.accumulate = 5;
+  expect_usage_error([&] { check_combinations(s, {"--accumulate"}); },
+                     "--accumulate 5 does not divide --batch 48 into equal micro-batches");
+  s.accumulate = 4;
+  EXPECT_NO_THROW(check_combinations(s, {"--accumulate"}));
 }
 
 // The merge of a resume: fixed settings must agree, restored ones come back unless given,

@@ -127,5 +127,14 @@ struct Range {
   std::size_t size() const { return end - begin; }
 };
 Range shard_range(std::size_t rows, int rank, int size, std::size_t chunk = 0);
+// With gradient accumulation a global batch of `rows` rows is cut into `micros`
+// micro-batches, micro-batch m being shard_range(rows, m, micros, chunk) (on chunk edges),
+// and each is sharded over the ranks as a minibatch is: rank `rank`'s part of micro-batch
+// m, as positions in the global batch. One micro-batch is shard_range itself.
+Range micro_shard(std::size_t rows, std::size_t m, std::size_t micros, int rank, int size,
+                  std::size_t chunk = 0);
+// The rows of all of rank `rank`'s micro-batch parts.
+std::size_t micro_shard_rows(std::size_t rows, std::size_t micros, int rank, int size,
+                             std::size_t chunk = 0);
 
 }  // namespace shardprop

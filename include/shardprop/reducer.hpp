@@ -90,6 +90,22 @@ class GradReducer {
                      Bf16Operands bf16) = 0;
   // Lets started reductions advance; backward calls it between its kernels.
   virtual void progress() = 0;
+  // Gradient accumulation (--accumulate): called before each of a step's `count`
+  // micro-batches (0-based `index`) after begin(), which counted the rows of all of them.
+  // Each micro-batch's rows then go through loss() and layer() as a minibatch's do; their
+  // sums add up, and only the last one's layer() calls start reducing (nothing travels
+  // before, like DDP's no_sync). A reducer that needs_bounds() first sees every micro-batch
+  // once with `measure` set, when it only measures the largest gradient values. Without
+  // calls the step is one micro-batch.
+  void micro(std::size_t index, std::size_t count, bool measure = false) {
+    micro_ = index;
+    micros_ = count;
+    measuring_ = measure;
+    on_micro();
+  }
+  // Whether a step of several micro-batches needs the measuring pass (the fixed point's
+  // exponents must hold for the sums of every micro-batch before any is summed).
+  virtual bool needs_bounds() const { return false; }
   // Starts the statistics' reduction, runs before_wait() (work that overlaps the wait),
   // waits, and divides by the global sample count. gradient() then holds the mean gradient
   // of the global minibatch, the same on every rank; a NaN or Inf in it or in the loss is
@@ -128,6 +144,13 @@ class GradReducer {
   // `rows` rows, of `terms` chunks in all; summed as training sums them.
   virtual EvalStats reduce_losses(std::span<const LossSums> parts, std::size_t rows,
                                   std::size_t terms) = 0;
+
+ protected:
+  virtual void on_micro() {}
+  bool first_micro() const { return micro_ == 0; }
+  bool last_micro() const { return micro_ + 1 == micros_; }
+  std::size_t micro_ = 0, micros_ = 1;
+  bool measuring_ = false;
 };
 
 // The reducer of a training mode: with chunk > 0 the fixed-point one (float only), else the

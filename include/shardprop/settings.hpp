@@ -33,6 +33,7 @@ struct Settings {
   std::string lr_milestones;  // epochs, "30,60"
   std::uint64_t warmup_steps = 0, lr_scale_batch = 0;  // 0: none
   double clip_norm = 0;  // 0: no clipping
+  std::uint64_t accumulate = 1;  // micro-batches per optimizer step
   double momentum = 0.9, weight_decay = 0.0;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   // validation and early stopping

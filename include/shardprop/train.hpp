@@ -140,8 +140,10 @@ class Trainer {
  private:
   [[noreturn]] void diverged(std::uint64_t step, const MinibatchStats& stats) const;
   // This rank's rows of the global batch `batch` into x and y (collective when the
-  // training set is partitioned).
-  void gather_shard(std::span<const std::uint32_t> batch, float* x, float* y);
+  // training set is partitioned): its shard, or with `micros` micro-batches its part of
+  // each (micro_shard), one after the other.
+  void gather_shard(std::span<const std::uint32_t> batch, float* x, float* y,
+                    std::size_t micros = 1);
   void check_agreement();
   void after_step(bool epoch_ended, TrainObserver& observer, Checkpointer* checkpointer);
   // After a whole epoch: validates, and keeps the best --monitor value (and its model).
