@@ -267,6 +267,13 @@ int run(const Args& args, MpiComm& world) {
                 args.deterministic_chunk);
     print_shares("deterministic", "default", "the default's");
   }
+  if (args.accumulate > 1) {
+    std::printf("\n--accumulate %zu against no accumulation (the same global batch):\n",
+                args.accumulate);
+    print_shares("accumulate", "default", "no accumulation's");
+    std::printf("the products alone, in micro-batches against whole shards:\n");
+    print_shares("products-accumulate", "products", "whole shards'");
+  }
   if (args.bf16) {
     std::printf("\n--precision bf16 against float32 (the default mode):\n");
     for (const Workload& w : workloads) {
@@ -323,6 +330,10 @@ int main(int argc, char** argv) {
   app.add_flag("--no-bf16", no_bf16, "Skip the --precision bf16 cases (run where the CPU can)");
   app.add_option("--chunk", chunk, "Rows per chunk of the deterministic mode")
       ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--accumulate", args.accumulate,
+                 "Also time every case with gradient accumulation in K micro-batches, "
+                 "alternating with the default")
+      ->check(CLI::Range(2, 1 << 20));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -21,6 +21,8 @@ struct Args {
   std::size_t deterministic_chunk = 0;
   // Every case also runs with --precision bf16 (where the CPU can).
   bool bf16 = false;
+  // > 1: every case also runs with gradient accumulation in this many micro-batches.
+  std::size_t accumulate = 0;
 };
 
 // GFLOP/s of one training step's matrix products at its own shapes (every layer's X·W, δ·Wᵀ

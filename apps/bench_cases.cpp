@@ -173,8 +173,10 @@ namespace {
 // their own: the most any step of these shapes could reach on this machine.
 class Products {
  public:
-  Products(const ModelSpec& spec, std::size_t rows, const Dataset& data)
-      : spec_(spec), rows_(rows), x_(data.features.begin(), data.features.begin() + std::ptrdiff_t(rows * data.cols)) {
+  // `micros` > 1: the products of gradient accumulation, `rows` rows per micro-batch, the
+  // weight gradients added up over `micros` of them.
+  Products(const ModelSpec& spec, std::size_t rows, const Dataset& data, std::size_t micros = 1)
+      : spec_(spec), rows_(rows), micros_(micros), x_(data.features.begin(), data.features.begin() + std::ptrdiff_t(rows * data.cols)) {
     Rng rng(7);
     const auto fill = [&](AlignedVector<float>& v, std::size_t n, double scale) {
       v.resize(n);
@@ -192,6 +194,11 @@ class Products {
   }
 
   void step() {
+    for (std::size_t m = 0; m < micros_; ++m) pass(m > 0);
+  }
+
+ private:
+  void pass(bool add) {
     const auto rows = Eigen::Index(rows_);
     const std::size_t n = layers_.size();
     const auto view = [&](AlignedVector<float>& v, std::size_t cols) {
@@ -215,11 +222,11 @@ class Products {
       }
       dense_backward_params<float>(input(l), delta,
                                    MatrixView<float>(layers_[l].dw.data(), Eigen::Index(s.in), Eigen::Index(s.out)),
-                                   RowVectorView<float>(layers_[l].db.data(), Eigen::Index(s.out)));
+                                   RowVectorView<float>(layers_[l].db.data(), Eigen::Index(s.out)),
+                                   {}, nullptr, nullptr, add);
     }
   }
 
- private:
   struct Layer {
     AlignedVector<float> w, b, a, delta, dw, db;
   };
@@ -228,7 +235,7 @@ class Products {
                                   Eigen::Index(spec_.layers[l].out));
   }
   ModelSpec spec_;
-  std::size_t rows_;
+  std::size_t rows_, micros_;
   AlignedVector<float> x_;
   std::vector<Layer> layers_;
   ChunkScratch<float> scratch_;  // unused: the products run by threads, not chunks
@@ -267,7 +274,9 @@ std::vector<Result> run_case(Communicator& comm, const Workload& w, const Datase
   modes.front().name = "default";
   if (args.deterministic_chunk > 0) modes.emplace_back().name = "deterministic";
   if (args.bf16) modes.emplace_back().name = "bf16";
+  if (args.accumulate > 1) modes.emplace_back().name = "accumulate";
   modes.emplace_back().name = "products";
+  if (args.accumulate > 1) modes.emplace_back().name = "products-accumulate";
   // The default mode's peak memory is read once it has run its warm-up and calibration steps
   // (a steady-state step allocates nothing), before the other modes exist.
   reset_peak_rss();
@@ -276,6 +285,10 @@ std::vector<Result> run_case(Communicator& comm, const Workload& w, const Datase
     if (mode.name == "products") {
       const std::size_t rows = shard_range(w.batch, comm.rank(), comm.size()).size();
       mode.products = std::make_unique<Products>(spec, rows, data);
+    } else if (mode.name == "products-accumulate") {
+      const std::size_t rows =
+          micro_shard(w.batch, 0, args.accumulate, comm.rank(), comm.size()).size();
+      mode.products = std::make_unique<Products>(spec, rows, data, args.accumulate);
     } else {
       Settings settings;
       settings.layers = w.layers;
@@ -285,6 +298,7 @@ std::vector<Result> run_case(Communicator& comm, const Workload& w, const Datase
       settings.deterministic = mode.name == "deterministic";
       if (settings.deterministic) settings.chunk = args.deterministic_chunk;
       if (mode.name == "bf16") settings.precision = "bf16";
+      if (mode.name == "accumulate") settings.accumulate = args.accumulate;
       mode.trainer = std::make_unique<Trainer>(settings, comm, data);
     }
     for (int i = 0; i < args.warmup; ++i) mode.step(batch);
