@@ -191,6 +191,10 @@ void print_run_header(const RunHeader& run, const Trainer& trainer, const Datase
     split = fewest == most ? " (" + std::to_string(most) + " per rank)"
                            : " (" + std::to_string(fewest) + "-" + std::to_string(most) + " per rank)";
   }
+  if (s.accumulate > 1) {
+    split += " in " + std::to_string(s.accumulate) + " micro-batches of " +
+             std::to_string(s.batch / s.accumulate);
+  }
   std::printf("  batch      %s global%s, %s per epoch, %s\n", thousands(s.batch).c_str(),
               split.c_str(), count_of(trainer.batches_per_epoch(), "step").c_str(),
               count_of(s.epochs, "epoch").c_str());
