@@ -127,6 +127,83 @@ TEST_F(CheckpointTest, RoundTripIsBitwise) {
   EXPECT_EQ(r.world_size, 1);
 }
 
+// Format version 5: the training recipe's settings and the early-stopping state.
+TEST_F(CheckpointTest, RecipeSettingsAndEarlyStoppingStateRoundTrip) {
+  Checkpoint c = trained();
+  c.settings.layers = "6,16:relu:dropout=0.5,8:tanh:dropout=0.125,3:softmax";
+  c.spec = parse_model(c.settings.layers, c.settings.loss);
+  c.settings.lr_schedule = "multistep";
+  c.settings.lr_milestones = "2,5";
+  c.settings.lr_decay = 0.25;
+  c.settings.warmup_steps = 30;
+  c.settings.lr_scale_batch = 64;
+  c.settings.accumulate = 2;
+  c.settings.clip_norm = 1.5;
+  c.settings.val_fraction = 0.1;
+  c.settings.early_stop_patience = 4;
+  c.settings.monitor = "val_acc";
+  c.state.epoch = 2;
+  c.state.best_metric = -0.8125;
+  c.state.best_epoch = 2;
+  c.state.epochs_without_improvement = 0;
+  save_checkpoint(path("r.h5"), c);
+  const Checkpoint r = load_checkpoint(path("r.h5"));
+  EXPECT_EQ(r.format_version, 5);
+  EXPECT_EQ(r.spec.layers_string(), c.spec.layers_string());
+  EXPECT_EQ(r.spec.layers[1].dropout, 0.125);
+  for (const SettingSpec& setting : settings_table()) {
+    if (setting.attribute) {
+      EXPECT_TRUE(same_setting(setting, r.settings, c.settings)) << setting.flag;
+    }
+  }
+  EXPECT_EQ(r.state.best_metric, -0.8125);
+  EXPECT_EQ(r.state.best_epoch, 2u);
+  EXPECT_EQ(r.state.epochs_without_improvement, 0u);
+  // A best epoch after the epochs done is refused.
+  c.state.best_epoch = 3;
+  save_checkpoint(path("bad.h5"), c);
+  testing::expect_error([&] { load_checkpoint(path("bad.h5")); },
+                        "the best epoch 3 or the epochs without improvement 0 are past the "
+                        "epochs done (2)");
+}
+
+// Version 4 files (before the recipe) load with the recipe's defaults and resume; in a
+// version 5 file the same attributes missing are an error.
+TEST_F(CheckpointTest, VersionFourFilesLoadWithoutTheRecipe) {
+  Settings config = config_for(OptimizerKind::sgd);
+  config.stop_at_step = 5;
+  const Checkpoint c = train_on(1, config);
+  save_checkpoint(path("v4.h5"), c);
+  const auto rewrite = [&](std::int64_t version, bool strip) {
+    h5::Handle f(H5Fopen(path("v4.h5").c_str(), H5F_ACC_RDWR, H5P_DEFAULT), H5Fclose, "opening");
+    if (strip) {
+      h5::Handle train(H5Gopen2(f.get(), "train", H5P_DEFAULT), H5Gclose, "opening /train");
+      for (const char* name : {"lr_decay", "lr_milestones", "warmup_steps", "lr_scale_batch",
+                               "accumulate", "clip_norm", "val_path", "val_fraction",
+                               "early_stop_patience", "monitor"}) {
+        h5::check(H5Adelete(train.get(), name), name);
+      }
+      for (const char* name : {"best_metric", "best_epoch", "epochs_without_improvement"}) {
+        h5::check(H5Adelete(f.get(), name), name);
+      }
+    }
+    h5::Handle attr(H5Aopen(f.get(), "format_version", H5P_DEFAULT), H5Aclose, "opening");
+    h5::check(H5Awrite(attr.get(), H5T_NATIVE_INT64, &version), "writing format_version");
+  };
+  rewrite(4, true);
+  const Checkpoint v4 = load_checkpoint(path("v4.h5"));
+  EXPECT_EQ(v4.format_version, 4);
+  EXPECT_EQ(v4.settings.accumulate, 1u);
+  EXPECT_EQ(v4.settings.monitor, "val_loss");
+  EXPECT_EQ(v4.state.best_epoch, 0u);
+  EXPECT_TRUE(same_bits(v4.params, c.params));
+  // It resumes to the end of the run that was never stopped.
+  config.stop_at_step = -1;
+  EXPECT_TRUE(same_bits(train_on(1, config, &v4).params, train_on(1, config).params));
+  rewrite(5, false);
+  EXPECT_THROW(load_checkpoint(path("v4.h5")), Error);
+}
+
 // Training N steps straight equals training k steps, writing a checkpoint, reading it back
 // and training the rest: bit for bit with the same ranks, also when k is mid-epoch.
 TEST_F(CheckpointTest, ResumeContinuesBitwiseOnTheSameRanks) {
