@@ -193,12 +193,15 @@ TEST(Bf16, ProductsOfRoundedOperandsSumInFloat32) {
         const Strided a = op_a == Op::none ? Strided(s.m, s.k, 3, 1) : Strided(s.k, s.m, 0, 1);
         const Strided b = op_b == Op::none ? Strided(s.k, s.n, 0, 2) : Strided(s.n, s.k, 5, 2);
         const Strided c0(s.m, s.n, 7, 3);
-        Strided c = c0;
         const std::vector<std::uint16_t> a16 = to_bf16(a), b16 = to_bf16(b);
-        gemm::multiply_bf16(op_a, op_b, {a16.data(), a.rows, a.cols, a.ld},
-                            {b16.data(), b.rows, b.cols, b.ld}, c.out());
-        expect_product(a, op_a, b, op_b, 1.0f, 0.0f, c0, c, round,
-                       case_name(gemm::Backend::onednn, op_a, op_b, s) + " bf16");
+        for (const bool add : {false, true}) {  // c = a·b, or c += a·b (accumulation)
+          Strided c = c0;
+          gemm::multiply_bf16(op_a, op_b, {a16.data(), a.rows, a.cols, a.ld},
+                              {b16.data(), b.rows, b.cols, b.ld}, c.out(), add);
+          expect_product(a, op_a, b, op_b, 1.0f, add ? 1.0f : 0.0f, c0, c, round,
+                         case_name(gemm::Backend::onednn, op_a, op_b, s) + " bf16" +
+                             (add ? " adding" : ""));
+        }
       }
     }
   }
