@@ -495,30 +495,8 @@ class FixedPointReducer final : public GradReducer<float> {
     if (rows_ > 0) bound = chunk_gradient_bound<float>(input, delta, chunk_);
     double agreed[3] = {max_safe(bound.w), max_safe(bound.b), loss_bound_};
     agree_max(l, std::span<double>(agreed, last ? 3 : 2));
-    if (last) {
-      loss_finite_ = std::isfinite(agreed[2]);
-      loss_exp_ = fixed_point_exponent(agreed[2], terms_);
-    }
-    if (!std::isfinite(agreed[0]) || !std::isfinite(agreed[1])) nonfinite_layer_ = int(l);
-    if (nonfinite_layer_ >= 0) return;  // every rank knows; nothing more is reduced
-    int& w_exp = exponents_[l];
-    int& b_exp = exponents_[layers + l];
-    w_exp = fixed_point_exponent(agreed[0], terms_);
-    b_exp = fixed_point_exponent(agreed[1], terms_);
-    const Layout::Block& block = layout_.block(l);
-    const auto [begin, end] = layout_.layer_range(l);
-    if (rows_ > 0) {
-      const auto advance = [this] { comm_.progress(); };
-      dense_backward_params_fixed<float>(
-          input, delta, chunk_, w_exp, b_exp, sums_ + block.w_offset, sums_ + block.b_offset,
-          scratch_, comm_.size() > 1 && !memory_ ? Callback(advance) : Callback());
-    } else {
-      std::fill(sums_ + begin, sums_ + end, 0);
-    }
-    if (!memory_) {
-      comm_.start_allreduce_sum(std::span<std::int64_t>(sums_ + begin, end - begin));
-      comm_.progress();
-    }
+    adopt_agreed(l, agreed);
+    sum_layer(l, input, delta);
   }
 
   void progress() override { comm_.progress(); }
@@ -620,31 +598,41 @@ class FixedPointReducer final : public GradReducer<float> {
     for (std::size_t l = layers; l-- > 0;) {
       double agreed[3] = {measured_[l], measured_[layers + l], measured_.back()};
       agree_max(l, std::span<double>(agreed, 3));
-      if (l + 1 == layers) {
-        loss_finite_ = std::isfinite(agreed[2]);
-        if (loss_finite_) loss_exp_ = fixed_point_exponent(agreed[2], terms_);
-      }
-      if (!std::isfinite(agreed[0]) || !std::isfinite(agreed[1])) {
-        nonfinite_layer_ = int(l);
-        continue;
-      }
-      exponents_[l] = fixed_point_exponent(agreed[0], terms_);
-      exponents_[layers + l] = fixed_point_exponent(agreed[1], terms_);
+      adopt_agreed(l, agreed);
     }
   }
 
-  // A micro-batch's layer: measured, or added at the agreed exponents (reduced after the
-  // last micro-batch).
-  void accumulate(std::size_t l, ConstMatrixView<float> input, ConstMatrixView<float> delta) {
+  // Takes the ranks' largest bounds of layer l's W and b (and with the last layer, of the
+  // loss): the exponents they give, or the layer as the first non-finite one.
+  void adopt_agreed(std::size_t l, const double* agreed) {
     const std::size_t layers = layout_.layer_count();
-    if (measuring_) {
-      if (input.rows() == 0) return;
-      const GradientBound bound = chunk_gradient_bound<float>(input, delta, chunk_);
-      measured_[l] = std::max(measured_[l], max_safe(bound.w));
-      measured_[layers + l] = std::max(measured_[layers + l], max_safe(bound.b));
+    if (l + 1 == layers) {
+      loss_finite_ = std::isfinite(agreed[2]);
+      if (loss_finite_) loss_exp_ = fixed_point_exponent(agreed[2], terms_);
+    }
+    if (!std::isfinite(agreed[0]) || !std::isfinite(agreed[1])) {
+      nonfinite_layer_ = int(l);
       return;
     }
-    if (nonfinite_layer_ >= 0) return;  // every rank knows; nothing is reduced
+    exponents_[l] = fixed_point_exponent(agreed[0], terms_);
+    exponents_[layers + l] = fixed_point_exponent(agreed[1], terms_);
+  }
+
+  // A micro-batch's layer: measured, or summed at the agreed exponents.
+  void accumulate(std::size_t l, ConstMatrixView<float> input, ConstMatrixView<float> delta) {
+    if (!measuring_) return sum_layer(l, input, delta);
+    if (input.rows() == 0) return;
+    const std::size_t layers = layout_.layer_count();
+    const GradientBound bound = chunk_gradient_bound<float>(input, delta, chunk_);
+    measured_[l] = std::max(measured_[l], max_safe(bound.w));
+    measured_[layers + l] = std::max(measured_[layers + l], max_safe(bound.b));
+  }
+
+  // Adds layer l's chunks as integers at the agreed exponents (the first micro-batch sets
+  // them) and, after the last micro-batch, starts reducing them.
+  void sum_layer(std::size_t l, ConstMatrixView<float> input, ConstMatrixView<float> delta) {
+    if (nonfinite_layer_ >= 0) return;  // every rank knows; nothing more is reduced
+    const std::size_t layers = layout_.layer_count();
     const Layout::Block& block = layout_.block(l);
     const auto [begin, end] = layout_.layer_range(l);
     if (input.rows() > 0) {
