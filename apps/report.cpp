@@ -93,11 +93,6 @@ void Reporter::on_checkpoint(const std::string& path) {
   std::fflush(stdout);
 }
 
-void Reporter::on_best(const std::string& path) {
-  if (!speak_ || path.empty()) return;
-  best_path_ = path;
-}
-
 void Reporter::on_save(const std::string& path) {
   if (!speak_ || path.empty()) return;
   clear_line();
@@ -277,10 +272,9 @@ void print_checkpoint(const std::string& path, const Checkpoint& c) {
     std::printf("  mode       default (sums follow the ranks)\n");
   }
   if (c.state.best_epoch > 0) {
-    const bool acc = s.monitor == "val_acc";
     std::printf("  best       epoch %llu: %s %.6g; %s since\n",
                 (unsigned long long)c.state.best_epoch, s.monitor.c_str(),
-                acc ? -c.state.best_metric : c.state.best_metric,
+                monitored(s.monitor, c.state.best_metric),
                 count_of(c.state.epochs_without_improvement, "epoch").c_str());
   }
   std::printf("  written by %s\n", ranks_text(c.world_size, c.threads).c_str());

@@ -31,9 +31,6 @@ class Reporter final : public TrainObserver {
   void on_epoch(const EpochStats& s) override;
   void on_checkpoint(const std::string& path) override;
   void on_save(const std::string& path) override;
-  void on_best(const std::string& path) override;
-  // The best.h5 written last (rank 0), or "".
-  const std::string& best_path() const { return best_path_; }
   // The newest checkpoint written (rank 0), or "".
   const std::string& last_checkpoint() const { return last_checkpoint_; }
   // Clears the progress line before other output.
@@ -44,7 +41,7 @@ class Reporter final : public TrainObserver {
   int ranks_, threads_;
   std::ofstream metrics_;
   std::string metrics_path_;
-  std::string last_checkpoint_, best_path_;
+  std::string last_checkpoint_;
   std::chrono::steady_clock::time_point last_{};
 };
 

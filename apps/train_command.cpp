@@ -6,7 +6,6 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/task_arena.h>
 #include <optional>
@@ -143,12 +142,9 @@ int run_train(const Settings& cli, const GivenFlags& given, MpiComm& comm) {
     trainer->run(test_set, *reporter, &checkpointer, val_set);
     const TrainState& state = trainer->state();
     if (speak && state.best_epoch > 0) {
-      const double best = s.monitor == "val_acc" ? -state.best_metric : state.best_metric;
       std::printf("best: epoch %llu, %s %.4f%s%s\n", (unsigned long long)state.best_epoch,
-                  s.monitor.c_str(), best, checkpointer.writing() ? ", model in " : "",
-                  checkpointer.writing()
-                      ? (std::filesystem::path(s.checkpoint_dir) / "best.h5").c_str()
-                      : "");
+                  s.monitor.c_str(), monitored(s.monitor, state.best_metric),
+                  checkpointer.writing() ? ", model in " : "", checkpointer.best_path().c_str());
       if (trainer->stopped_early()) {
         std::printf("stopped early after epoch %llu: %s without a better %s\n",
                     (unsigned long long)state.epoch,

@@ -104,9 +104,13 @@ std::string Checkpointer::save_final(const Checkpoint& c) {
   return path;
 }
 
+std::string Checkpointer::best_path() const {
+  return writing() ? (fs::path(merged_.settings.checkpoint_dir) / "best.h5").string() : "";
+}
+
 std::string Checkpointer::write_best(const Checkpoint& c) {
   if (!writing()) return {};
-  const std::string path = (fs::path(merged_.settings.checkpoint_dir) / "best.h5").string();
+  const std::string path = best_path();
   collective_check(comm_, [&] {
     if (comm_.rank() == 0) save_checkpoint(path, c);
   });

@@ -13,7 +13,6 @@
 #include "stream.hpp"
 #include "shardprop/error.hpp"
 #include "shardprop/rng.hpp"
-#include "shardprop/schedule.hpp"
 #include "shardprop/stop.hpp"
 
 namespace shardprop {
@@ -131,6 +130,7 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
   SP_CHECK_USAGE(settings_.batch <= training_samples(), "--batch ", settings_.batch,
                  " is larger than the training set (", training_samples(), " samples",
                  kept_.empty() ? "" : " after --val-fraction", ")");
+  schedule_ = Schedule(settings_, total_steps(), batches_per_epoch());
   if (train_.partitioned()) {
     SP_CHECK_USAGE(train_.rows > 0, "the training set's ", train_.global_rows(),
                    " samples are fewer than the ", comm_.size(),
@@ -228,7 +228,7 @@ std::uint64_t Trainer::total_steps() const {
 }
 
 double Trainer::learning_rate(std::uint64_t step) const {
-  return Schedule(settings_, total_steps(), batches_per_epoch()).lr(step);
+  return schedule_.lr(step);
 }
 
 void Trainer::diverged(std::uint64_t step, const MinibatchStats& stats) const {
@@ -485,8 +485,7 @@ void Trainer::validate(const Dataset* val, EpochStats& stats, TrainObserver& obs
   if (!val && held_out_.empty()) return;
   stats.has_val = true;
   stats.val = val ? evaluate(*val) : evaluate_rows(held_out_);
-  // Lower is better: the loss, or the accuracy negated.
-  const double metric = settings_.monitor == "val_acc" ? -stats.val.accuracy : stats.val.loss;
+  const double metric = monitor_loss(settings_.monitor, stats.val);
   stats.best = state_.best_epoch == 0 || metric < state_.best_metric;
   if (!stats.best) {
     ++state_.epochs_without_improvement;
@@ -546,7 +545,7 @@ void Trainer::run(const Dataset* test, TrainObserver& observer, Checkpointer* ch
       max_norm = std::max(max_norm, s.grad_norm);
       const double elapsed = seconds_since(start);
       observer.on_progress({state_.epoch + 1, settings_.epochs, b + 1, batches, state_.step, total,
-                            loss / samples, learning_rate(state_.step - 1), samples / elapsed,
+                            loss / samples, optimizer_.config().lr, samples / elapsed,
                             elapsed / double(state_.step + 1 - first_step)});
       ended = ++state_.batch_in_epoch == batches;
       agree_on_stop();
@@ -567,7 +566,7 @@ void Trainer::run(const Dataset* test, TrainObserver& observer, Checkpointer* ch
                    std::size_t(samples)};
     stats.samples_per_s = seconds > 0 ? samples / seconds : 0.0;
     stats.seconds = seconds;
-    stats.lr = state_.step > 0 ? learning_rate(state_.step - 1) : 0.0;
+    stats.lr = optimizer_.config().lr;  // the rate step() set for the row's last step
     stats.clipped = clipped;
     stats.max_grad_norm = max_norm;
     if (test && stopped_by_ == 0) {  // a stopping job has no time to evaluate
@@ -587,6 +586,14 @@ void Trainer::run(const Dataset* test, TrainObserver& observer, Checkpointer* ch
     const std::string saved = checkpointer->save_final(checkpoint());
     observer.on_save(comm_.rank() == 0 ? saved : std::string());
   }
+}
+
+double monitor_loss(const std::string& monitor, const EvalStats& val) {
+  return monitor == "val_acc" ? -val.accuracy : val.loss;
+}
+
+double monitored(const std::string& monitor, double best_metric) {
+  return monitor == "val_acc" ? -best_metric : best_metric;
 }
 
 std::string metrics_json(const EpochStats& s, int ranks, int threads) {

@@ -50,13 +50,7 @@ TEST_P(GradCheck, AnalyticGradientMatchesFiniteDifferences) {
     for (std::size_t i = begin; i < end; ++i) {
       const bool in_w = i < block.w_offset + block.in * block.out;
       if (!in_w && i < block.b_offset) continue;  // padding between W and b
-      const double saved = params[i];
-      params[i] = saved + h;
-      const double up = mean_loss();
-      params[i] = saved - h;
-      const double down = mean_loss();
-      params[i] = saved;
-      const double numeric = (up - down) / (2 * h);
+      const double numeric = testing::central_difference(params, i, h, mean_loss);
       const double analytic = grad[i];
       EXPECT_NEAR(analytic, numeric, 1e-7 + 1e-6 * std::abs(numeric))
           << "layer " << l << (in_w ? " W" : " b") << " element " << i;

@@ -92,6 +92,18 @@ double max_relative_error(const Layout& layout, std::span<const T> a, std::span<
   return worst;
 }
 
+// (loss(params[i] + h) − loss(params[i] − h)) / 2h, params[i] restored after.
+inline double central_difference(std::span<double> params, std::size_t i, double h,
+                                 const std::function<double()>& loss) {
+  const double saved = params[i];
+  params[i] = saved + h;
+  const double up = loss();
+  params[i] = saved - h;
+  const double down = loss();
+  params[i] = saved;
+  return (up - down) / (2 * h);
+}
+
 // Expects fn to throw shardprop::Error whose message contains `fragment`.
 inline void expect_error(const std::function<void()>& fn, const std::string& fragment) {
   try {

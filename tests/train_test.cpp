@@ -34,8 +34,9 @@ TEST(Trainer, CosineScheduleFallsFromBaseToZero) {
   EXPECT_NEAR(trainer.learning_rate(10), 0.1, 1e-15);
   EXPECT_NEAR(trainer.learning_rate(5), 0.1 * (1 + std::cos(std::numbers::pi / 4)), 1e-15);
   EXPECT_NEAR(trainer.learning_rate(20), 0.0, 1e-15);
-  trainer.settings().lr_schedule = "constant";
-  EXPECT_DOUBLE_EQ(trainer.learning_rate(13), 0.2);
+  config.lr_schedule = "constant";
+  Trainer constant(config, one.member(0), data);
+  EXPECT_DOUBLE_EQ(constant.learning_rate(13), 0.2);
 }
 
 TEST(Trainer, EpochsShortLastBatchAndMaxSteps) {

@@ -155,6 +155,8 @@ class Checkpointer {
   // Collective: rank 0 replaces best.h5 in the checkpoint directory with `c` (atomically),
   // if a directory is set; returns its path (on rank 0; empty on the others).
   std::string write_best(const Checkpoint& c);
+  // Where write_best writes: best.h5 in the checkpoint directory, or "" without one.
+  std::string best_path() const;
 
  private:
   Communicator& comm_;

@@ -14,6 +14,7 @@
 #include "shardprop/mlp.hpp"
 #include "shardprop/optimizer.hpp"
 #include "shardprop/reducer.hpp"
+#include "shardprop/schedule.hpp"
 #include "shardprop/settings.hpp"
 
 namespace shardprop {
@@ -124,7 +125,6 @@ class Trainer {
   const Optimizer& optimizer() const { return optimizer_; }
   const TrainState& state() const { return state_; }
   const Settings& settings() const { return settings_; }
-  Settings& settings() { return settings_; }
   const Dataset& train_data() const { return train_; }
   // Time spent in step(), summed since construction or the last reset.
   const StepTimes& step_times() const { return times_; }
@@ -168,6 +168,7 @@ class Trainer {
   TrainState state_;
   std::vector<double> norm_parts_;  // global_norm's partial sums (--clip-norm)
   std::vector<std::uint32_t> kept_, held_out_;  // --val-fraction's split (else empty)
+  Schedule schedule_;  // the learning rate of every step, made once (after the split)
   std::vector<std::uint32_t> order_;
   std::uint64_t order_epoch_ = UINT64_MAX;
   StepTimes times_;
@@ -192,6 +193,12 @@ std::size_t pass_rows(std::size_t eval_batch, std::size_t rows, std::size_t chun
 
 // The oneTBB threads this process computes with: the arena's and --threads' limit.
 int compute_threads();
+
+// The --monitor value of a validation as a loss (lower is better: the validation loss, or
+// the accuracy negated), as TrainState::best_metric keeps it; and a kept value as the user
+// reads it.
+double monitor_loss(const std::string& monitor, const EvalStats& val);
+double monitored(const std::string& monitor, double best_metric);
 
 // One JSON object (no newline) with the epoch's metrics.
 std::string metrics_json(const EpochStats& stats, int ranks, int threads);
