@@ -2,13 +2,14 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 
 #include "shardprop/error.hpp"
 
 namespace shardprop {
 
-RowExchange::RowExchange(Communicator& comm, const Dataset& data, std::size_t k,
-                         std::size_t chunk)
+RowExchange::RowExchange(Communicator& comm, const Dataset& data, std::size_t k, std::size_t chunk,
+                         std::size_t node_rows)
     : comm_(comm),
       data_(data),
       k_(k),
@@ -21,11 +22,30 @@ RowExchange::RowExchange(Communicator& comm, const Dataset& data, std::size_t k,
   }
   const Range mine = shard_range(n, comm.rank(), comm.size());
   SP_CHECK(mine.begin == data.first && mine.size() == data.rows, "this rank holds rows [",
-           data.first, ", ", data.first + data.rows, ") of ", n, ", but its block is [",
-           mine.begin, ", ", mine.end, ")");
+           data.first, ", ", data.first + data.rows, ") of ", n, ", but its block is [", mine.begin,
+           ", ", mine.end, ")");
   for (auto* v : {&send_counts_, &send_offsets_, &recv_counts_, &recv_offsets_, &cursor_}) {
     v->assign(p, 0);
   }
+  if (node_rows > 0 && p > 1) {
+    // Every rank asks for the same size (the trainer's agreement check covers the batch).
+    const std::size_t bytes = p * (sizeof(Counter) + 2 * node_rows * width_ * sizeof(float));
+    std::string why;  // without node memory the rows travel through MPI, only slower
+    node_ = NodeMemory::create(comm, bytes, why);
+    if (node_) node_rows_ = node_rows;
+  }
+}
+
+RowExchange::~RowExchange() = default;
+
+std::atomic<std::uint64_t>& RowExchange::written(std::size_t rank) const {
+  return reinterpret_cast<Counter*>(node_->data())[rank].written;
+}
+
+float* RowExchange::slot(std::size_t rank, std::uint64_t call) const {
+  const std::size_t p = starts_.size() - 1, rows = node_rows_ * width_;
+  float* slots = reinterpret_cast<float*>(node_->data() + p * sizeof(Counter));
+  return slots + (2 * rank + call % 2) * rows;
 }
 
 std::size_t RowExchange::owner(std::uint32_t row) const {
@@ -55,8 +75,11 @@ void RowExchange::gather(std::span<const std::uint32_t> batch, float* x, float* 
 void RowExchange::start(std::span<const std::uint32_t> batch, std::size_t micros) {
   const int p = comm_.size();
   const auto me = std::size_t(comm_.rank());
+  // Every rank decides alike: the batch size and node_rows_ are the same on all.
+  staged_ = node_ && batch.size() <= node_rows_;
+  if (staged_) ++calls_;
   // What every other rank needs from this one, in the order of its shard (this rank's own
-  // rows it copies itself, below).
+  // rows it copies itself, in finish()).
   std::size_t sent = 0;
   for (int q = 0; q < p; ++q) {
     send_offsets_[std::size_t(q)] = sent;
@@ -67,8 +90,16 @@ void RowExchange::start(std::span<const std::uint32_t> batch, std::size_t micros
     }
     send_counts_[std::size_t(q)] = sent - send_offsets_[std::size_t(q)];
   }
-  if (send_.size() < sent) send_.resize(sent);
-  float* out = send_.data();
+  float* out = nullptr;
+  if (staged_) {
+    // This slot last held the rows of two calls ago, which every rank has copied: finish()
+    // of the last call waited until every rank had written its rows, which each does only
+    // after its finish() of the call before.
+    out = slot(me, calls_);
+  } else {
+    if (send_.size() < sent) send_.resize(sent);
+    out = send_.data();
+  }
   for (int q = 0; q < p; ++q) {
     if (std::size_t(q) == me) continue;
     for_shard(batch.size(), q, micros, [&](std::size_t j) {
@@ -83,6 +114,18 @@ void RowExchange::start(std::span<const std::uint32_t> batch, std::size_t micros
       }
       out += width_;
     });
+  }
+  if (staged_) {
+    written(me).store(calls_, std::memory_order_release);
+    // Where this rank's rows start in each owner's slot: after those of the ranks before
+    // it (each owner writes for the others in rank order).
+    std::fill(cursor_.begin(), cursor_.end(), 0);
+    for (int r = 0; r < int(me); ++r) {
+      for_shard(batch.size(), r, micros, [&](std::size_t j) {
+        if (const std::size_t q = owner(batch[j]); q != std::size_t(r)) cursor_[q] += width_;
+      });
+    }
+    return;
   }
   // What this rank needs from every other, by owner.
   std::fill(recv_counts_.begin(), recv_counts_.end(), 0);
@@ -104,7 +147,13 @@ void RowExchange::start(std::span<const std::uint32_t> batch, std::size_t micros
 void RowExchange::finish(std::span<const std::uint32_t> batch, float* x, float* y,
                          std::size_t micros) {
   const auto me = std::size_t(comm_.rank());
-  comm_.wait_alltoallv();
+  if (staged_) {
+    for (std::size_t q = 0; q + 1 < starts_.size(); ++q) {
+      if (q != me) wait_at_least(written(q), calls_, comm_, "the exchange of the rows");
+    }
+  } else {
+    comm_.wait_alltoallv();
+  }
   // Each owner's rows arrive in the order of this shard: take them in turn.
   std::size_t i = 0;  // the row of x and y
   for_shard(batch.size(), comm_.rank(), micros, [&](std::size_t j) {
@@ -114,7 +163,7 @@ void RowExchange::finish(std::span<const std::uint32_t> batch, float* x, float* 
       ++i;
       return;
     }
-    const float* row = recv_.data() + cursor_[q];
+    const float* row = (staged_ ? slot(q, calls_) : recv_.data()) + cursor_[q];
     cursor_[q] += width_;
     std::copy_n(row, data_.cols, x + i * data_.cols);
     if (data_.has_labels()) {

@@ -103,19 +103,12 @@ std::unique_ptr<NodeMemory> NodeMemory::create(Communicator& comm, std::size_t b
 
 NodeMemory::~NodeMemory() { ::munmap(data_, size_); }
 
-void NodeBarrier::arrive_and_wait(int ranks, const Communicator& comm, const char* what) {
-  // The generation this barrier completes: no rank can complete it before this one arrives.
-  const std::uint64_t generation = released_.load(std::memory_order_acquire);
-  if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == std::uint64_t(ranks)) {
-    arrived_.store(0, std::memory_order_relaxed);
-    released_.store(generation + 1, std::memory_order_release);
-    return;
-  }
+void wait_at_least(const std::atomic<std::uint64_t>& counter, std::uint64_t value,
+                   const Communicator& comm, const char* what) {
   using Clock = std::chrono::steady_clock;
   const double timeout = comm.timeout_seconds();
   const auto deadline = Clock::now() + std::chrono::duration<double>(timeout);
-  for (std::uint64_t spins = 0; released_.load(std::memory_order_acquire) == generation;
-       ++spins) {
+  for (std::uint64_t spins = 0; counter.load(std::memory_order_acquire) < value; ++spins) {
     if (spins < 1024) {
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
@@ -125,11 +118,22 @@ void NodeBarrier::arrive_and_wait(int ranks, const Communicator& comm, const cha
     ::sched_yield();
     if (timeout > 0 && (spins & 255) == 0 && Clock::now() > deadline) {
       throw CollectiveTimeout(
-          detail::concat(comm.phase(), what, " did not complete on every rank within ",
-                         timeout, " s (--collective-timeout): a rank is stopped, hung or lost"),
+          detail::concat(comm.phase(), what, " did not complete on every rank within ", timeout,
+                         " s (--collective-timeout): a rank is stopped, hung or lost"),
           __FILE__, __LINE__);
     }
   }
+}
+
+void NodeBarrier::arrive_and_wait(int ranks, const Communicator& comm, const char* what) {
+  // The generation this barrier completes: no rank can complete it before this one arrives.
+  const std::uint64_t generation = released_.load(std::memory_order_acquire);
+  if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == std::uint64_t(ranks)) {
+    arrived_.store(0, std::memory_order_relaxed);
+    released_.store(generation + 1, std::memory_order_release);
+    return;
+  }
+  wait_at_least(released_, generation + 1, comm, what);
 }
 
 }  // namespace shardprop

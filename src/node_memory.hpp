@@ -36,6 +36,13 @@ class NodeMemory {
   std::size_t size_;
 };
 
+// Waits until `counter` (which only grows) reaches `value`, as a rank of a node waits for
+// the others: a brief spin, then yielding the core (more ranks than cores must still
+// progress). Throws CollectiveTimeout naming `comm`'s phase and `what` when
+// comm.timeout_seconds() pass first.
+void wait_at_least(const std::atomic<std::uint64_t>& counter, std::uint64_t value,
+                   const Communicator& comm, const char* what);
+
 // A barrier for the `ranks` ranks of a node, kept in shared memory (zeroed at the start).
 // Waiters spin briefly, then yield the core: more ranks than cores must still progress.
 class NodeBarrier {

@@ -135,7 +135,10 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
     SP_CHECK_USAGE(train_.rows > 0, "the training set's ", train_.global_rows(),
                    " samples are fewer than the ", comm_.size(),
                    " ranks: use --data-placement replicated");
-    exchange_ = std::make_unique<RowExchange>(comm_, train_, spec().output_width(), mlp_.chunk());
+    // A step's rows go through node memory when the ranks share a node; validation passes
+    // (--eval-batch rows per rank) may be larger and go through MPI.
+    exchange_ = std::make_unique<RowExchange>(comm_, train_, spec().output_width(), mlp_.chunk(),
+                                              settings_.batch);
   }
   if (train_.streamed) {
     stream_ = std::make_unique<RowStream>(train_, settings_.read_cache << 20);

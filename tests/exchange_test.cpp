@@ -1,5 +1,4 @@
 #include "exchange.hpp"
-#include "stream.hpp"
 
 #include <gtest/gtest.h>
 
@@ -9,6 +8,7 @@
 #include <vector>
 
 #include "local_group.hpp"
+#include "stream.hpp"
 #include "test_util.hpp"
 
 namespace shardprop {
@@ -19,39 +19,46 @@ bool same_bytes(const std::vector<float>& a, const std::vector<float>& b) {
 }
 
 // Every step of two epochs, on 1, 2, 3 and 5 in-process ranks, with batches that do not
-// divide the set or the ranks, split by rows and by chunks: each rank's minibatch input and
-// targets from the exchange are byte for byte what gather() copies from the whole set.
+// divide the set or the ranks, split by rows and by chunks, through MPI (node_rows 0), through
+// node memory (the ranks share it), and with batches too large for the node memory's slots
+// (through MPI again): each rank's minibatch input and targets from the exchange are byte
+// for byte what gather() copies from the whole set.
 void expect_exchange_matches_gather(const Dataset& whole, std::size_t k) {
+  const std::size_t batch = 37;
   for (int size : {1, 2, 3, 5}) {
     for (std::size_t chunk : {std::size_t(0), std::size_t(4)}) {
-      const std::size_t batch = 37;
-      std::size_t steps = 0, mismatches = 0;
-      testing::run_ranks(size, [&](Communicator& comm) {
-        const Dataset mine = testing::block_of(whole, comm.rank(), size);
-        RowExchange exchange(comm, mine, k, chunk);
-        std::vector<std::uint32_t> order;
-        for (std::uint64_t epoch = 0; epoch < 2; ++epoch) {
-          epoch_permutation(whole.rows, 3, epoch, order);
-          for (std::size_t begin = 0; begin < whole.rows; begin += batch) {
-            const auto global = std::span<const std::uint32_t>(order).subspan(
-                begin, std::min(whole.rows, begin + batch) - begin);
-            const Range shard = shard_range(global.size(), comm.rank(), size, chunk);
-            std::vector<float> x(shard.size() * whole.cols + 1, -1.0f), y(shard.size() * k + 1, -1.0f);
-            std::vector<float> x_ref(x.size(), -1.0f), y_ref(y.size(), -1.0f);
-            exchange.gather(global, x.data(), y.data());
-            gather(whole, global.subspan(shard.begin, shard.size()), k, x_ref.data(),
-                   y_ref.data());
-            if (comm.rank() == 0) ++steps;
-            if (!same_bytes(x, x_ref) || !same_bytes(y, y_ref)) {
-              ADD_FAILURE() << size << " ranks, chunk " << chunk << ", epoch " << epoch
-                            << ", batch at " << begin << ", rank " << comm.rank();
-              if (comm.rank() == 0) ++mismatches;
+      for (std::size_t node_rows : {std::size_t(0), batch, batch - 1}) {
+        std::size_t steps = 0, mismatches = 0;
+        testing::run_ranks(size, [&](Communicator& comm) {
+          const Dataset mine = testing::block_of(whole, comm.rank(), size);
+          RowExchange exchange(comm, mine, k, chunk, node_rows);
+          EXPECT_EQ(exchange.through_node(), node_rows > 0 && size > 1);
+          std::vector<std::uint32_t> order;
+          for (std::uint64_t epoch = 0; epoch < 2; ++epoch) {
+            epoch_permutation(whole.rows, 3, epoch, order);
+            for (std::size_t begin = 0; begin < whole.rows; begin += batch) {
+              const auto global = std::span<const std::uint32_t>(order).subspan(
+                  begin, std::min(whole.rows, begin + batch) - begin);
+              const Range shard = shard_range(global.size(), comm.rank(), size, chunk);
+              std::vector<float> x(shard.size() * whole.cols + 1, -1.0f),
+                  y(shard.size() * k + 1, -1.0f);
+              std::vector<float> x_ref(x.size(), -1.0f), y_ref(y.size(), -1.0f);
+              exchange.gather(global, x.data(), y.data());
+              gather(whole, global.subspan(shard.begin, shard.size()), k, x_ref.data(),
+                     y_ref.data());
+              if (comm.rank() == 0) ++steps;
+              if (!same_bytes(x, x_ref) || !same_bytes(y, y_ref)) {
+                ADD_FAILURE() << size << " ranks, chunk " << chunk << ", node rows " << node_rows
+                              << ", epoch " << epoch << ", batch at " << begin << ", rank "
+                              << comm.rank();
+                if (comm.rank() == 0) ++mismatches;
+              }
             }
           }
-        }
-      });
-      EXPECT_EQ(steps, 2 * ((whole.rows + batch - 1) / batch));
-      EXPECT_EQ(mismatches, 0u);
+        });
+        EXPECT_EQ(steps, 2 * ((whole.rows + batch - 1) / batch));
+        EXPECT_EQ(mismatches, 0u);
+      }
     }
   }
 }
@@ -124,8 +131,9 @@ TEST_F(RowStreamTest, RowsAreTheWholeSetsForEveryLayout) {
       }
     }
   }
-  testing::expect_error([&] { gather(read_dataset_streamed(path("chunked.h5")), order, 5, nullptr, nullptr); },
-                        "a streamed data set holds no rows to copy");
+  testing::expect_error(
+      [&] { gather(read_dataset_streamed(path("chunked.h5")), order, 5, nullptr, nullptr); },
+      "a streamed data set holds no rows to copy");
 }
 
 TEST(BackgroundTask, RunsJobsInTurnAndHandsBackTheirErrors) {
