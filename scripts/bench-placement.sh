@@ -21,6 +21,7 @@ placements=("$@")
 rounds=${ROUNDS:-2}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+exec {nap}<> <(:)  # a pipe nobody writes: read -t on it sleeps without starting a process
 /usr/bin/python3 - "$data" "$work/small.h5" <<'PY'
 import sys, h5py
 with h5py.File(sys.argv[1]) as f, h5py.File(sys.argv[2], "w") as out:
@@ -37,13 +38,23 @@ run() {
     'exec /usr/bin/time -f "peak-kb %M" -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' "$work/$name" \
     "$shardprop" train --train "$train" --layers "$layers" --batch "$batch" --epochs "$epochs" \
     --threads 1 --data-placement "$placement" --progress never --metrics "$work/$name.jsonl" > /dev/null &
-  local job=$! anon=0 pid v
+  local job=$! anon=0 pid key v _ pids=()
+  # The ranks' pids once, then their status files read by the shell alone: a poll that
+  # started processes would take the ranks' cores from them and slow what it measures.
+  while kill -0 "$job" 2> /dev/null && [ ${#pids[@]} -lt 2 ]; do
+    mapfile -t pids < <(pgrep -f "^$shardprop train .*$work/$name.jsonl" || true)
+    sleep 0.05
+  done
   while kill -0 "$job" 2> /dev/null; do
-    for pid in $(pgrep -f "^$shardprop train .*$work/$name.jsonl" || true); do
-      v=$(awk '/^RssAnon:/ {print $2}' "/proc/$pid/status" 2> /dev/null || true)
-      [ -n "$v" ] && [ "$v" -gt "$anon" ] && anon=$v
+    for pid in "${pids[@]}"; do
+      {
+        while read -r key v _; do
+          [ "$key" = RssAnon: ] && [ "$v" -gt "$anon" ] && anon=$v
+        done < "/proc/$pid/status"
+      } 2> /dev/null || true  # the rank has ended
     done
-    sleep 0.25  # the data, once read, stays: a sparse poll finds its peak and costs no speed
+    # The data, once read, stays: a sparse poll finds its peak.
+    read -r -t 0.25 -u "$nap" _ || true
   done
   wait "$job"
   /usr/bin/python3 - "$work" "$name" "$anon" <<'PY'
