@@ -78,28 +78,29 @@ void RowExchange::start(std::span<const std::uint32_t> batch, std::size_t micros
   // Every rank decides alike: the batch size and node_rows_ are the same on all.
   staged_ = node_ && batch.size() <= node_rows_;
   if (staged_) ++calls_;
-  // What every other rank needs from this one, in the order of its shard (this rank's own
-  // rows it copies itself, in finish()).
-  std::size_t sent = 0;
-  for (int q = 0; q < p; ++q) {
-    send_offsets_[std::size_t(q)] = sent;
-    if (std::size_t(q) != me) {
-      for_shard(batch.size(), q, micros, [&](std::size_t j) {
-        if (owner(batch[j]) == me) sent += width_;
-      });
-    }
-    send_counts_[std::size_t(q)] = sent - send_offsets_[std::size_t(q)];
-  }
+  std::size_t sent = 0;  // values for MPI to send
   float* out = nullptr;
   if (staged_) {
     // This slot last held the rows of two calls ago, which every rank has copied: finish()
     // of the last call waited until every rank had written its rows, which each does only
-    // after its finish() of the call before.
+    // after its finish() of the call before. It holds node_rows_ rows, at least the batch.
     out = slot(me, calls_);
   } else {
+    // How much every other rank needs from this one, for MPI.
+    for (int q = 0; q < p; ++q) {
+      send_offsets_[std::size_t(q)] = sent;
+      if (std::size_t(q) != me) {
+        for_shard(batch.size(), q, micros, [&](std::size_t j) {
+          if (owner(batch[j]) == me) sent += width_;
+        });
+      }
+      send_counts_[std::size_t(q)] = sent - send_offsets_[std::size_t(q)];
+    }
     if (send_.size() < sent) send_.resize(sent);
     out = send_.data();
   }
+  // What every other rank needs from this one, in the order of its shard (this rank's own
+  // rows it copies itself, in finish()).
   for (int q = 0; q < p; ++q) {
     if (std::size_t(q) == me) continue;
     for_shard(batch.size(), q, micros, [&](std::size_t j) {
