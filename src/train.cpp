@@ -150,6 +150,10 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
     own_params_.assign(mlp_.layout().size(), 0.0f);
     params_ = own_params_;
   }
+  // Other cores read what an update writes: this rank's other threads, or the other ranks
+  // of the node when they share one copy of the parameters.
+  optimizer_.set_shared_readers(compute_threads() > 1 ||
+                                (own_params_.empty() && comm_.size() > 1));
   // The most rows any rank's shard can hold (its parts of every micro-batch), and the most
   // any one pass of forward and backward takes (a micro-batch's part).
   std::size_t shard_rows = 0, pass_rows = 0;

@@ -65,6 +65,10 @@ class Optimizer {
   // The factor step() multiplies the gradient by before its update (clipping; 1 by default,
   // which changes no bit). update_share() takes none.
   void set_grad_scale(float scale) { grad_scale_ = scale; }
+  // Whether cores other than the updating one read the parameters next (several threads,
+  // or a node's ranks sharing one copy): the updates then write them with streaming stores,
+  // which do not first fetch the lines those cores hold. The values are the same either way.
+  void set_shared_readers(bool shared) { stream_params_ = shared; }
   std::span<const float> state() const { return state_; }
   std::uint64_t steps() const { return steps_; }
   // Takes a saved state (same size) and step count; with [begin, end), only that share of
@@ -80,6 +84,7 @@ class Optimizer {
   std::span<float> state_;
   std::uint64_t steps_ = 0;
   float grad_scale_ = 1;
+  bool stream_params_ = false;
 };
 
 // The Euclidean norm of `grad`, summed in double over blocks of 4096 values whose partial
