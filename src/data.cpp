@@ -11,6 +11,8 @@
 #include <memory>
 #include <new>
 #include <numeric>
+#include <oneapi/tbb/blocked_range.h>
+#include <oneapi/tbb/parallel_for.h>
 
 #include "shardprop/error.hpp"
 #include "fileio.hpp"
@@ -417,11 +419,21 @@ void gather_targets(const Dataset& data, std::span<const std::uint32_t> indices,
 void gather(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
             float* x, float* y) {
   SP_CHECK(!data.streamed, data.source, ": a streamed data set holds no rows to copy");
-  for (std::size_t i = 0; i < indices.size(); ++i) {
-    const std::size_t row = held_row(data, indices[i]);
-    std::copy_n(data.features.data() + row * data.cols, data.cols, x + i * data.cols);
-  }
-  gather_targets(data, indices, k, y);
+  const auto copy = [&](std::size_t begin, std::size_t end) {
+    for (std::size_t i = begin; i < end; ++i) {
+      const std::size_t row = held_row(data, indices[i]);
+      std::copy_n(data.features.data() + row * data.cols, data.cols, x + i * data.cols);
+    }
+    gather_targets(data, indices.subspan(begin, end - begin), k, y + begin * k);
+  };
+  // The rows lie far apart in memory: copying parts of them on every thread keeps more in
+  // flight (a step's 128 rows on one thread of two took longer than its optimizer).
+  constexpr std::size_t kRows = 32;
+  if (indices.size() <= kRows) return copy(0, indices.size());
+  oneapi::tbb::parallel_for(oneapi::tbb::blocked_range<std::size_t>(0, indices.size(), kRows),
+                            [&](const oneapi::tbb::blocked_range<std::size_t>& r) {
+                              copy(r.begin(), r.end());
+                            });
 }
 
 void epoch_permutation(std::size_t n, std::uint64_t seed, std::uint64_t epoch,

@@ -136,9 +136,12 @@ Trainer::Trainer(const Settings& settings, Communicator& comm, const Dataset& tr
                    " samples are fewer than the ", comm_.size(),
                    " ranks: use --data-placement replicated");
     // A step's rows go through node memory when the ranks share a node; validation passes
-    // (--eval-batch rows per rank) may be larger and go through MPI.
-    exchange_ = std::make_unique<RowExchange>(comm_, train_, spec().output_width(), mlp_.chunk(),
-                                              settings_.batch);
+    // (--eval-batch rows per rank) may be larger and go through MPI. A rank alone holds
+    // every row and gathers them as a replicated set.
+    if (comm_.size() > 1) {
+      exchange_ = std::make_unique<RowExchange>(comm_, train_, spec().output_width(),
+                                                mlp_.chunk(), settings_.batch);
+    }
   }
   if (train_.streamed) {
     stream_ = std::make_unique<RowStream>(train_, settings_.read_cache << 20);
