@@ -96,8 +96,9 @@ TEST(Gemm, EveryBackendMatchesADoubleReference) {
     for (Op op_a : {Op::none, Op::transpose}) {
       for (Op op_b : {Op::none, Op::transpose}) {
         for (const Shape& s : kShapes) {
-          for (const auto& [alpha, beta] : {std::pair{1.0f, 0.0f}, std::pair{0.5f, 0.25f},
-                                            std::pair{-2.0f, 1.0f}}) {
+          for (const auto& [alpha, beta] :
+               {std::pair{1.0f, 0.0f}, std::pair{1.0f, 1.0f}, std::pair{0.5f, 0.25f},
+                std::pair{-2.0f, 1.0f}}) {
             const Strided a = op_a == Op::none ? Strided(s.m, s.k, 3, 1) : Strided(s.k, s.m, 0, 1);
             const Strided b = op_b == Op::none ? Strided(s.k, s.n, 0, 2) : Strided(s.n, s.k, 5, 2);
             const Strided c0(s.m, s.n, 7, 3);
@@ -119,26 +120,32 @@ TEST(Gemm, EveryBackendMatchesADoubleReference) {
 
 // Products run from several oneTBB threads at once, each on its own output, as the training
 // kernels run them: each is right (no backend shares state between calls), and the process
-// gains no threads of the backend's own.
+// gains no threads of the backend's own. Every other product takes b transposed (oneDNN
+// runs those through its matmul primitive, the others through sgemm).
 TEST(Gemm, ProductsFromSeveralThreadsAtOnceAreEachRight) {
   const oneapi::tbb::global_control four(oneapi::tbb::global_control::max_allowed_parallelism, 4);
   const auto same = [](float v) { return v; };
+  const auto op_b = [](std::size_t i) { return i % 2 == 0 ? Op::none : Op::transpose; };
   for (gemm::Backend backend : gemm::backends()) {
     constexpr int kProducts = 48;
     std::vector<Strided> as, bs, cs;
     for (int i = 0; i < kProducts; ++i) {
       as.emplace_back(40 + i, 70, 0, 100 + std::uint64_t(i));
-      bs.emplace_back(70, 33, 0, 200 + std::uint64_t(i));
+      if (op_b(std::size_t(i)) == Op::none) {
+        bs.emplace_back(70, 33, 0, 200 + std::uint64_t(i));
+      } else {
+        bs.emplace_back(33, 70, 0, 200 + std::uint64_t(i));
+      }
       cs.emplace_back(40 + i, 33, 0, 300 + std::uint64_t(i));
     }
     const std::vector<Strided> c0 = cs;
     oneapi::tbb::parallel_for(0, kProducts, [&](int i) {
       const auto u = std::size_t(i);
-      gemm::multiply<float>(backend, Op::none, Op::none, 1.0f, as[u].view(), bs[u].view(), 0.0f,
+      gemm::multiply<float>(backend, Op::none, op_b(u), 1.0f, as[u].view(), bs[u].view(), 0.0f,
                             cs[u].out());
     });
     for (std::size_t i = 0; i < cs.size(); ++i) {
-      expect_product(as[i], Op::none, bs[i], Op::none, 1.0f, 0.0f, c0[i], cs[i], same,
+      expect_product(as[i], Op::none, bs[i], op_b(i), 1.0f, 0.0f, c0[i], cs[i], same,
                      std::string(gemm::short_name(backend)) + " product " + std::to_string(i));
     }
   }
