@@ -427,7 +427,7 @@ void gather(const Dataset& data, std::span<const std::uint32_t> indices, std::si
     gather_targets(data, indices.subspan(begin, end - begin), k, y + begin * k);
   };
   // The rows lie far apart in memory: copying parts of them on every thread keeps more in
-  // flight (a step's 128 rows on one thread of two took longer than its optimizer).
+  // flight (a step's 128 rows took 67 µs on one thread of two, 52-55 µs on both).
   constexpr std::size_t kRows = 32;
   if (indices.size() <= kRows) return copy(0, indices.size());
   oneapi::tbb::parallel_for(oneapi::tbb::blocked_range<std::size_t>(0, indices.size(), kRows),
