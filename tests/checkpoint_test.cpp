@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
-#include <cstring>
 #include <exception>
 #include <filesystem>
 #include <fstream>
@@ -77,9 +76,7 @@ Checkpoint train_on(int ranks, const Settings& config, const Checkpoint* from = 
   return std::move(out[0]);
 }
 
-bool same_bits(const AlignedVector<float>& a, const AlignedVector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
+using testing::same_bits;
 
 class CheckpointTest : public testing::TempDirTest {
  protected:

@@ -12,7 +12,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <thread>
 #include <oneapi/tbb/global_control.h>
@@ -100,9 +99,7 @@ std::vector<Outcome> reduce(const Problem& problem, std::size_t chunk, int p, in
   return out;
 }
 
-bool same_bits(std::span<const float> a, std::span<const float> b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size_bytes()) == 0;
-}
+using testing::same_bits;
 
 class DeterministicReduce : public ::testing::TestWithParam<const char*> {};
 

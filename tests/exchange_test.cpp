@@ -3,7 +3,6 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
-#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -13,10 +12,6 @@
 
 namespace shardprop {
 namespace {
-
-bool same_bytes(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
 
 // Every step of two epochs, on 1, 2, 3 and 5 in-process ranks, with batches that do not
 // divide the set or the ranks, split by rows and by chunks, through MPI (node_rows 0), through
@@ -47,7 +42,7 @@ void expect_exchange_matches_gather(const Dataset& whole, std::size_t k) {
               gather(whole, global.subspan(shard.begin, shard.size()), k, x_ref.data(),
                      y_ref.data());
               if (comm.rank() == 0) ++steps;
-              if (!same_bytes(x, x_ref) || !same_bytes(y, y_ref)) {
+              if (!testing::same_bits(x, x_ref) || !testing::same_bits(y, y_ref)) {
                 ADD_FAILURE() << size << " ranks, chunk " << chunk << ", node rows " << node_rows
                               << ", epoch " << epoch << ", batch at " << begin << ", rank "
                               << comm.rank();

@@ -3,10 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #include "shardprop/params.hpp"
+#include "test_util.hpp"
 
 namespace shardprop {
 namespace {
@@ -58,10 +58,6 @@ std::vector<float> values(std::size_t n, std::uint32_t seed) {
   return v;
 }
 
-bool same_bits(std::span<const float> a, std::span<const float> b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
 // Three steps of an optimizer, plain or writing with streaming stores, over runs that start
 // and end inside 64-byte lines and cross the update's 1024-value chunks: the parameters and
 // the state. Through step(), or through update_share() from (params, state) into another
@@ -110,14 +106,14 @@ TEST(Optimizer, StreamingStoresWriteTheSameBits) {
     const std::string name(to_string(c.kind));
     const Steps plain = three_steps(c, false, false);
     const Steps streamed = three_steps(c, true, false);
-    EXPECT_TRUE(same_bits(plain.params, streamed.params)) << name;
-    EXPECT_TRUE(same_bits(plain.state, streamed.state)) << name;
+    EXPECT_TRUE(testing::same_bits(plain.params, streamed.params)) << name;
+    EXPECT_TRUE(testing::same_bits(plain.state, streamed.state)) << name;
     // The fused update of the node reducer, into the other copy, plain or streamed: the
     // same arithmetic as the update in place.
     for (bool shared : {false, true}) {
       const Steps share = three_steps(c, shared, true);
-      EXPECT_TRUE(same_bits(plain.params, share.params)) << name << " shared " << shared;
-      EXPECT_TRUE(same_bits(plain.state, share.state)) << name << " shared " << shared;
+      EXPECT_TRUE(testing::same_bits(plain.params, share.params)) << name << " shared " << shared;
+      EXPECT_TRUE(testing::same_bits(plain.state, share.state)) << name << " shared " << shared;
     }
     // The steps moved every parameter: the comparison has something to compare.
     const std::vector<float> start = values(plain.params.size(), 1);
