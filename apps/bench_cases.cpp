@@ -176,7 +176,8 @@ class Products {
   // `micros` > 1: the products of gradient accumulation, `rows` rows per micro-batch, the
   // weight gradients added up over `micros` of them.
   Products(const ModelSpec& spec, std::size_t rows, const Dataset& data, std::size_t micros = 1)
-      : spec_(spec), rows_(rows), micros_(micros), x_(data.features.begin(), data.features.begin() + std::ptrdiff_t(rows * data.cols)) {
+      : spec_(spec), rows_(rows), micros_(micros), x_(rows * data.cols) {
+    for (std::size_t r = 0; r < rows; ++r) data.copy_row(r, x_.data() + r * data.cols);
     Rng rng(7);
     const auto fill = [&](AlignedVector<float>& v, std::size_t n, double scale) {
       v.resize(n);

@@ -64,12 +64,15 @@ int run_predict(const ModelArgs& args, MpiComm& comm) {
     const std::size_t pass = pass_rows(args.eval_batch, data.rows, chunk);
     mlp.reserve(pass);
     std::vector<std::int32_t> predictions(data.rows);
-    AlignedVector<float> outputs(data.rows * k);
+    AlignedVector<float> outputs(data.rows * k), x(pass * data.cols);
+    const RowCopier copy_row(data);
     for (std::size_t begin = 0; begin < data.rows; begin += pass) {
       const auto rows = Eigen::Index(std::min(pass, data.rows - begin));
+      for (Eigen::Index r = 0; r < rows; ++r) {
+        copy_row(begin + std::size_t(r), x.data() + std::size_t(r) * data.cols);
+      }
       const auto y = mlp.predict(model.params,
-                                 ConstMatrixView<float>(data.features.data() + begin * data.cols,
-                                                        rows, Eigen::Index(data.cols)));
+                                 ConstMatrixView<float>(x.data(), rows, Eigen::Index(data.cols)));
       for (Eigen::Index r = 0; r < rows; ++r) {
         const std::size_t i = begin + std::size_t(r);
         predictions[i] = predicted_class<float>(ConstRowVectorView<float>(y.row(r).data(), y.cols()));

@@ -2,7 +2,12 @@
 
 #include <zlib.h>
 
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <bit>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
@@ -21,6 +26,72 @@
 
 namespace shardprop {
 
+RowCopier::RowCopier(const Dataset& data) : data_(data) {
+  if (!data.coded) return;
+  for (std::size_t c = 0; c < 256; ++c) {
+    const auto bits = std::bit_cast<std::uint32_t>(data.palette[c]);
+    for (std::size_t p = 0; p < 4; ++p) planes_[256 * p + c] = std::uint8_t(bits >> (8 * p));
+  }
+}
+
+void RowCopier::operator()(std::size_t row, float* out) const {
+  const std::size_t cols = data_.cols;
+  if (!data_.coded) {
+    std::copy_n(data_.features.data() + row * cols, cols, out);
+    return;
+  }
+  const std::uint8_t* in = data_.codes.data() + row * cols;
+  std::size_t j = 0;
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+  // 64 values at a time: each of a float's four bytes looked up in its plane of the
+  // palette (two byte permutes of 128 entries, bit 7 choosing), then interleaved. 128 rows
+  // of 784 in cache: 6.0 µs, against 31 for the scalar loop below (and 5.5 for copying
+  // floats); gather instructions were no faster than the scalar loop.
+  if (cols >= 64) {
+    __m512i plane[4][4];
+    for (std::size_t p = 0; p < 4; ++p) {
+      for (std::size_t q = 0; q < 4; ++q) {
+        plane[p][q] = _mm512_load_si512(planes_.data() + 256 * p + 64 * q);
+      }
+    }
+    for (; j + 64 <= cols; j += 64) {
+      const __m512i code = _mm512_loadu_si512(in + j);
+      const __mmask64 high = _mm512_movepi8_mask(code);
+      __m512i byte[4];
+      for (std::size_t p = 0; p < 4; ++p) {
+        byte[p] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(plane[p][0], code, plane[p][1]),
+                                         _mm512_permutex2var_epi8(plane[p][2], code, plane[p][3]));
+      }
+      // Within each 128-bit lane k: d0 holds values 16k to 16k + 3, d1 the next four, ...
+      const __m512i lo01 = _mm512_unpacklo_epi8(byte[0], byte[1]);
+      const __m512i hi01 = _mm512_unpackhi_epi8(byte[0], byte[1]);
+      const __m512i lo23 = _mm512_unpacklo_epi8(byte[2], byte[3]);
+      const __m512i hi23 = _mm512_unpackhi_epi8(byte[2], byte[3]);
+      const __m512i d0 = _mm512_unpacklo_epi16(lo01, lo23), d1 = _mm512_unpackhi_epi16(lo01, lo23);
+      const __m512i d2 = _mm512_unpacklo_epi16(hi01, hi23), d3 = _mm512_unpackhi_epi16(hi01, hi23);
+      // ... so lane k of d0-d3 is values 16k to 16k + 15: a 4 x 4 transpose of lanes.
+      const __m512i t0 = _mm512_shuffle_i32x4(d0, d1, 0x44), t1 = _mm512_shuffle_i32x4(d2, d3, 0x44);
+      const __m512i t2 = _mm512_shuffle_i32x4(d0, d1, 0xEE), t3 = _mm512_shuffle_i32x4(d2, d3, 0xEE);
+      _mm512_storeu_si512(out + j, _mm512_shuffle_i32x4(t0, t1, 0x88));
+      _mm512_storeu_si512(out + j + 16, _mm512_shuffle_i32x4(t0, t1, 0xDD));
+      _mm512_storeu_si512(out + j + 32, _mm512_shuffle_i32x4(t2, t3, 0x88));
+      _mm512_storeu_si512(out + j + 48, _mm512_shuffle_i32x4(t2, t3, 0xDD));
+    }
+  }
+#endif
+  for (; j < cols; ++j) out[j] = data_.palette[in[j]];
+}
+
+void Dataset::copy_row(std::size_t row, float* out) const { RowCopier(*this)(row, out); }
+
+AlignedVector<float> Dataset::feature_values() const {
+  if (!coded) return features;
+  AlignedVector<float> values(rows * cols);
+  const RowCopier copy(*this);
+  for (std::size_t r = 0; r < rows; ++r) copy(r, values.data() + r * cols);
+  return values;
+}
+
 std::size_t Dataset::label_classes() const {
   if (labels.empty()) return 0;
   return std::size_t(*std::max_element(labels.begin(), labels.end())) + 1;
@@ -29,12 +100,91 @@ std::size_t Dataset::label_classes() const {
 namespace {
 
 // Rows are numbered from `first` (a partition's first row in the file).
-void check_finite(const AlignedVector<float>& values, std::size_t cols, std::size_t first,
+void check_finite(std::span<const float> values, std::size_t cols, std::size_t first,
                   const std::string& what) {
   for (std::size_t i = 0; i < values.size(); ++i) {
     SP_CHECK(std::isfinite(values[i]), what, ": non-finite value ", values[i], " at row ",
              first + i / cols, ", column ", i % cols);
   }
+}
+
+// Gives feature values one-byte codes, first come first coded, while they number 256 or
+// fewer; values are told apart by their bits (0 and -0 are two).
+class Coder {
+ public:
+  Coder() { slots_.fill(kEmpty); }
+  // Codes in[0, n) into out; false once a 257th value appears (out is then partly written).
+  bool code(const float* in, std::size_t n, std::uint8_t* out) {
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto bits = std::bit_cast<std::uint32_t>(in[i]);
+      std::size_t s = (bits * 2654435761u) >> (32 - kLogSlots);
+      while (slots_[s] != kEmpty && keys_[s] != bits) s = (s + 1) & (kSlots - 1);
+      if (slots_[s] == kEmpty) {
+        if (count_ == 256) return false;
+        keys_[s] = bits;
+        slots_[s] = std::uint16_t(count_);
+        palette_[count_++] = in[i];
+      }
+      out[i] = std::uint8_t(slots_[s]);
+    }
+    return true;
+  }
+  const std::array<float, 256>& palette() const { return palette_; }
+
+ private:
+  static constexpr int kLogSlots = 10;  // 1024 slots for at most 256 values
+  static constexpr std::size_t kSlots = std::size_t(1) << kLogSlots;
+  static constexpr std::uint16_t kEmpty = 0xffff;
+  std::array<std::uint32_t, kSlots> keys_{};
+  std::array<std::uint16_t, kSlots> slots_{};
+  std::array<float, 256> palette_{};
+  std::size_t count_ = 0;
+};
+
+// Reads the features of `data`'s rows from `features` (a 2-D float dataset of `dims`), a
+// few MB at a time, checked finite as they come: coded while their values number 256 or
+// fewer, else as floats (the rows coded so far widened). Peak memory is the held features
+// and one piece.
+void read_features(hid_t features, const std::vector<hsize_t>& dims, Dataset& data,
+                   const std::string& what) {
+  const std::size_t cols = data.cols;
+  const auto hold = [&](auto& values) {
+    try {
+      values.resize(data.rows * cols);
+    } catch (const std::bad_alloc&) {
+      SP_THROW(what, ": not enough memory for its ", data.rows, " × ", cols, " features (",
+               data.rows * cols * sizeof(values[0]) >> 20,
+               " MB); --data-placement streamed reads them as needed");
+    }
+  };
+  const std::size_t piece = std::max<std::size_t>(1, (std::size_t(4) << 20) / (cols * sizeof(float)));
+  Coder coder;
+  data.coded = true;
+  hold(data.codes);
+  AlignedVector<float> buffer(std::min(piece, data.rows) * cols);
+  for (std::size_t done = 0; done < data.rows;) {
+    const std::size_t n = std::min(piece, data.rows - done);
+    float* into = data.coded ? buffer.data() : data.features.data() + done * cols;
+    h5::read_rows(features, H5T_NATIVE_FLOAT, dims, data.first + done, n, into,
+                  "reading " + what);
+    check_finite(std::span<const float>(into, n * cols), cols, data.first + done, what);
+    if (data.coded && !coder.code(into, n * cols, data.codes.data() + done * cols)) {
+      // A 257th value: the rows so far become floats, and the rest are read as floats.
+      data.palette = coder.palette();
+      data.coded = false;
+      hold(data.features);
+      for (std::size_t r = 0; r < done; ++r) {
+        for (std::size_t j = 0; j < cols; ++j) {
+          data.features[r * cols + j] = data.palette[data.codes[r * cols + j]];
+        }
+      }
+      std::copy_n(into, n * cols, data.features.data() + done * cols);
+      data.codes = {};
+      data.palette = {};
+    }
+    done += n;
+  }
+  if (data.coded) data.palette = coder.palette();
 }
 
 }  // namespace
@@ -66,18 +216,7 @@ Dataset read_data(const std::string& path, bool need_targets, std::optional<RowB
       data.rows = n;
     }
     data.cols = info.dims[1];
-    if (features_too) {
-      try {
-        data.features.resize(data.rows * data.cols);
-      } catch (const std::bad_alloc&) {
-        SP_THROW(what, ": not enough memory for its ", data.rows, " × ", data.cols,
-                 " features (", data.rows * data.cols * sizeof(float) >> 20,
-                 " MB); --data-placement streamed reads them as needed");
-      }
-      h5::read_rows(features.get(), H5T_NATIVE_FLOAT, info.dims, data.first, data.rows,
-                    data.features.data(), "reading " + what);
-      check_finite(data.features, data.cols, data.first, what);
-    }
+    if (features_too) read_features(features.get(), info.dims, data, what);
   }
   const std::size_t n = data.global_rows();
   const bool has_labels = h5::has_link(file.get(), "labels");
@@ -148,8 +287,9 @@ DataLayout data_layout(const std::string& path) {
 
 void write_dataset(const std::string& path, const Dataset& data) {
   h5::Handle file = h5::create_file(path);
+  const AlignedVector<float> widened = data.coded ? data.feature_values() : AlignedVector<float>();
   h5::write_dataset(file.get(), "features", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
-                    {data.rows, data.cols}, data.features.data());
+                    {data.rows, data.cols}, (data.coded ? widened : data.features).data());
   if (data.has_labels()) {
     h5::write_dataset(file.get(), "labels", H5T_STD_I32LE, H5T_NATIVE_INT32, {data.rows},
                       data.labels.data());
@@ -282,16 +422,17 @@ std::vector<std::uint8_t> read_idx_file(const std::string& path, int want_dims,
 
 Dataset read_idx(const std::string& images_path, const std::string& labels_path) {
   std::vector<std::uint32_t> image_dims, label_dims;
-  const auto pixels = read_idx_file(images_path, 3, image_dims);
+  auto pixels = read_idx_file(images_path, 3, image_dims);
   const auto labels = read_idx_file(labels_path, 1, label_dims);
   SP_CHECK(image_dims[0] == label_dims[0], images_path, " has ", image_dims[0], " images but ",
            labels_path, " has ", label_dims[0], " labels");
   Dataset data;
   data.rows = image_dims[0];
   data.cols = std::size_t(image_dims[1]) * image_dims[2];
-  data.features.resize(pixels.size());
-  std::transform(pixels.begin(), pixels.end(), data.features.begin(),
-                 [](std::uint8_t p) { return float(p) / 255.0f; });
+  // Each pixel p stands for p / 255.
+  data.coded = true;
+  data.codes = std::move(pixels);
+  for (std::size_t p = 0; p < data.palette.size(); ++p) data.palette[p] = float(p) / 255.0f;
   data.labels.assign(labels.begin(), labels.end());
   return data;
 }
@@ -419,10 +560,10 @@ void gather_targets(const Dataset& data, std::span<const std::uint32_t> indices,
 void gather(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
             float* x, float* y) {
   SP_CHECK(!data.streamed, data.source, ": a streamed data set holds no rows to copy");
+  const RowCopier copy_row(data);
   const auto copy = [&](std::size_t begin, std::size_t end) {
     for (std::size_t i = begin; i < end; ++i) {
-      const std::size_t row = held_row(data, indices[i]);
-      std::copy_n(data.features.data() + row * data.cols, data.cols, x + i * data.cols);
+      copy_row(held_row(data, indices[i]), x + i * data.cols);
     }
     gather_targets(data, indices.subspan(begin, end - begin), k, y + begin * k);
   };

@@ -101,12 +101,13 @@ void RowExchange::start(std::span<const std::uint32_t> batch, std::size_t micros
   }
   // What every other rank needs from this one, in the order of its shard (this rank's own
   // rows it copies itself, in finish()).
+  const RowCopier copy_row(data_);
   for (int q = 0; q < p; ++q) {
     if (std::size_t(q) == me) continue;
     for_shard(batch.size(), q, micros, [&](std::size_t j) {
       if (owner(batch[j]) != me) return;
       const std::size_t row = batch[j] - data_.first;
-      std::copy_n(data_.features.data() + row * data_.cols, data_.cols, out);
+      copy_row(row, out);
       if (data_.has_labels()) {
         std::memcpy(out + data_.cols, &data_.labels[row], sizeof(float));
       } else {
@@ -157,10 +158,12 @@ void RowExchange::finish(std::span<const std::uint32_t> batch, float* x, float* 
   }
   // Each owner's rows arrive in the order of this shard: take them in turn.
   std::size_t i = 0;  // the row of x and y
+  const RowCopier copy_row(data_);
   for_shard(batch.size(), comm_.rank(), micros, [&](std::size_t j) {
     const std::size_t q = owner(batch[j]);
     if (q == me) {
-      shardprop::gather(data_, batch.subspan(j, 1), k_, x + i * data_.cols, y + i * k_);
+      copy_row(batch[j] - data_.first, x + i * data_.cols);
+      gather_targets(data_, batch.subspan(j, 1), k_, y + i * k_);
       ++i;
       return;
     }

@@ -50,8 +50,10 @@ TEST_F(DataTest, IdxGzipAndPlainReadAlikeWithPixelsScaled) {
     const Dataset d = read_idx(images, labels);
     EXPECT_EQ(d.rows, 3u);
     EXPECT_EQ(d.cols, 4u);
-    EXPECT_FLOAT_EQ(d.features[1], 20.0f / 255.0f);
-    EXPECT_EQ(d.features[5], 1.0f);
+    EXPECT_TRUE(d.coded);  // a byte per pixel, as the file has them
+    const AlignedVector<float> values = d.feature_values();
+    EXPECT_FLOAT_EQ(values[1], 20.0f / 255.0f);
+    EXPECT_EQ(values[5], 1.0f);
     EXPECT_EQ(d.labels, (std::vector<std::int32_t>{7, 0, 9}));
   }
 }
@@ -95,7 +97,7 @@ TEST_F(DataTest, Hdf5RoundTripAndValidation) {
   const Dataset r = read_dataset(path("d.h5"));
   EXPECT_EQ(r.rows, 4u);
   EXPECT_EQ(r.cols, 3u);
-  EXPECT_EQ(r.features, d.features);
+  EXPECT_EQ(r.feature_values(), d.features);
   EXPECT_EQ(r.labels, d.labels);
   EXPECT_EQ(r.label_classes(), 3u);
   check_fits(r, parse_model("3,3", "xent"), "d.h5");
@@ -158,6 +160,54 @@ TEST_F(DataTest, BlocksAreTheRowsOfTheWholeSetAndErrorsNameTheFilesRow) {
   EXPECT_TRUE(std::equal(x.begin(), x.end(), whole.features.begin() + 35001 * 31));
   expect_error([&] { gather(second, std::span(&other_row, 1), 7, x.data(), y.data()); },
                "row 5 is not among the rows this rank holds [35000, 70001)");
+}
+
+// Features of 256 values or fewer are held as a byte each, whether the file is read whole
+// or by blocks, and come back as the very bits written (0 and -0 apart), in whole vectors
+// of 64 and in the rest of a row of 500. A 257th value, in the first piece read or a later
+// one (pieces of 4 MB: 2,097 rows of 500 here), makes them floats with the same bits.
+TEST_F(DataTest, FeaturesOf256ValuesAreHeldAsBytesWithTheirBits) {
+  Dataset d;
+  d.rows = 3000;
+  d.cols = 500;
+  Rng rng(5);
+  for (std::size_t i = 0; i < d.rows * d.cols; ++i) {
+    const std::uint64_t k = rng.below(256);
+    d.features.push_back(k == 255 ? -0.0f : float(k) / 255.0f);
+  }
+  d.labels.assign(d.rows, 0);
+  d.features[7] = -0.0f;  // both zeros are among the values for certain
+  d.features[8] = 0.0f;
+  write_dataset(path("d.h5"), d);
+  const Dataset whole = read_dataset(path("d.h5"));
+  EXPECT_TRUE(whole.coded);
+  EXPECT_TRUE(whole.features.empty());
+  EXPECT_EQ(whole.codes.size(), d.rows * d.cols);
+  EXPECT_TRUE(testing::same_bits(whole.feature_values(), d.features));
+  const Dataset part = read_dataset(path("d.h5"), true, RowBlock{1, 3, 0});
+  EXPECT_TRUE(part.coded);
+  ASSERT_EQ(part.first, 1000u);
+  EXPECT_TRUE(testing::same_bits(
+      part.feature_values(), std::span<const float>(d.features).subspan(1000 * 500, 1000 * 500)));
+  // gather widens the rows it copies, by the file's row numbers.
+  const std::vector<std::uint32_t> rows = {1999, 1000, 1500};
+  std::vector<float> x(3 * 500), y(3);
+  gather(part, rows, 1, x.data(), y.data());
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    EXPECT_TRUE(testing::same_bits(std::span<const float>(x).subspan(i * 500, 500),
+                                   std::span<const float>(d.features).subspan(rows[i] * 500, 500)))
+        << "row " << rows[i];
+  }
+  for (const std::size_t at : {std::size_t(3), std::size_t(2500 * 500 + 9)}) {
+    Dataset more = d;
+    more.features[at] = 0.5f;  // not k / 255 for any k
+    write_dataset(path("more.h5"), more);
+    const Dataset r = read_dataset(path("more.h5"));
+    EXPECT_FALSE(r.coded) << at;
+    EXPECT_TRUE(r.codes.empty()) << at;
+    EXPECT_TRUE(testing::same_bits(r.features, more.features)) << at;
+    EXPECT_TRUE(testing::same_bits(r.feature_values(), more.features)) << at;
+  }
 }
 
 TEST(Sampler, EpochPermutationIsAPermutationFixedBySeedAndEpoch) {

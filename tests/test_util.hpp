@@ -148,8 +148,15 @@ inline Dataset block_of(const Dataset& whole, int rank, int size, std::size_t ch
   d.first = mine.begin;
   d.total = whole.rows;
   d.target_cols = whole.target_cols;
-  d.features.assign(whole.features.begin() + std::ptrdiff_t(mine.begin * whole.cols),
-                    whole.features.begin() + std::ptrdiff_t(mine.end * whole.cols));
+  d.coded = whole.coded;
+  d.palette = whole.palette;
+  if (whole.coded) {
+    d.codes.assign(whole.codes.begin() + std::ptrdiff_t(mine.begin * whole.cols),
+                   whole.codes.begin() + std::ptrdiff_t(mine.end * whole.cols));
+  } else {
+    d.features.assign(whole.features.begin() + std::ptrdiff_t(mine.begin * whole.cols),
+                      whole.features.begin() + std::ptrdiff_t(mine.end * whole.cols));
+  }
   if (whole.has_labels()) {
     d.labels.assign(whole.labels.begin() + std::ptrdiff_t(mine.begin),
                     whole.labels.begin() + std::ptrdiff_t(mine.end));

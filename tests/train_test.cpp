@@ -217,6 +217,51 @@ TEST_F(Placement, PartitionedAndStreamedDataTrainToTheBitsOfReplicated) {
   }
 }
 
+// A set held as bytes (256 values or fewer, as read_dataset holds it) trains and evaluates
+// to the bits of the same values held as floats: whole on every rank, and by blocks whose
+// rows travel between ranks.
+TEST_F(Placement, FeaturesHeldAsBytesTrainToTheBitsOfFloats) {
+  const auto quantized = [](Dataset d) {  // steps of 1/16 in [-4, 4): at most 128 values
+    for (float& v : d.features) v = std::clamp(std::round(v * 16), -64.0f, 63.0f) / 16;
+    return d;
+  };
+  const Dataset dense = quantized(testing::noisy_classes(70, 5, 3, 1.0));
+  const Dataset test_dense = quantized(testing::noisy_classes(23, 5, 3, 2.0));
+  write_dataset(path("train.h5"), dense);
+  write_dataset(path("test.h5"), test_dense);
+  const Dataset coded = read_dataset(path("train.h5"));
+  const Dataset test_coded = read_dataset(path("test.h5"));
+  ASSERT_TRUE(coded.coded);
+  ASSERT_TRUE(test_coded.coded);
+  Settings config = settings_for("5,33:relu,3:softmax", 16);
+  config.epochs = 2;
+  std::vector<AlignedVector<float>> params(4);
+  std::vector<EvalStats> evaluated(4);
+  for (const int held : {0, 1, 2, 3}) {  // floats or bytes, whole or by blocks
+    const bool bytes = held % 2 == 1, blocks = held >= 2;
+    const Dataset& train = bytes ? coded : dense;
+    const Dataset& test = bytes ? test_coded : test_dense;
+    testing::run_ranks(2, [&](Communicator& comm) {
+      const Dataset block = testing::block_of(train, comm.rank(), 2);
+      const Dataset test_block = testing::block_of(test, comm.rank(), 2);
+      Trainer trainer(config, comm, blocks ? block : train);
+      TrainObserver quiet;
+      trainer.run(nullptr, quiet);
+      const EvalStats e = trainer.evaluate(blocks ? test_block : test);
+      if (comm.rank() == 0) {
+        params[std::size_t(held)] = trainer.checkpoint().params;
+        evaluated[std::size_t(held)] = e;
+      }
+    });
+  }
+  for (std::size_t h : {1, 3}) {
+    ASSERT_FALSE(params[h].empty());
+    EXPECT_TRUE(testing::same_bits(params[h - 1], params[h])) << "held " << h;
+    EXPECT_EQ(evaluated[h - 1].loss, evaluated[h].loss) << "held " << h;
+    EXPECT_EQ(evaluated[h].samples, test_dense.rows);
+  }
+}
+
 TEST(Trainer, NodeReductionTrainsAsMpiAndResumesOnEither) {
   const Dataset data = testing::noisy_classes(60, 5, 3, 1.0);  // batches of 16: 3 full, 1 short
   Settings config = settings_for("5,33:relu,3:softmax", 16);

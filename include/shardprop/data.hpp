@@ -1,6 +1,7 @@
 // Data sets, their readers and writers, the epoch sampler and the per-rank shards.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -18,7 +19,14 @@ namespace shardprop {
 struct Dataset {
   std::size_t rows = 0;
   std::size_t cols = 0;
-  AlignedVector<float> features;      // rows × cols
+  // The features (rows × cols), held one of two ways: as floats in `features`, or (`coded`)
+  // as one byte each in `codes`, a byte c standing for palette[c]. The readers code a set
+  // whose values number 256 or fewer (8-bit pixels scaled to [0, 1]): the same bits in a
+  // quarter of the memory. Read them through copy_row() or feature_values().
+  AlignedVector<float> features;
+  bool coded = false;
+  std::vector<std::uint8_t> codes;
+  std::array<float, 256> palette{};
   std::vector<std::int32_t> labels;   // rows, or empty when targets are given
   std::size_t target_cols = 0;
   AlignedVector<float> targets;       // rows × target_cols, or empty when labels are given
@@ -30,12 +38,28 @@ struct Dataset {
   bool streamed = false;
   std::string source;
 
+  // Held row `row` (counted from `first`) as cols floats into out (RowCopier, for many).
+  void copy_row(std::size_t row, float* out) const;
+  // Every held feature as floats, whichever way they are held.
+  AlignedVector<float> feature_values() const;
   bool has_labels() const { return !labels.empty(); }
   // The rows of the whole data set, held here or not.
   std::size_t global_rows() const { return total ? total : rows; }
   bool partitioned() const { return total != 0 && (first != 0 || rows != total); }
   // 1 + the largest label (0 without labels).
   std::size_t label_classes() const;
+};
+
+// Copies a data set's held rows as floats, widening coded ones; made once for many rows.
+class RowCopier {
+ public:
+  explicit RowCopier(const Dataset& data);
+  // Held row `row` (counted from data.first) as data.cols floats into out.
+  void operator()(std::size_t row, float* out) const;
+
+ private:
+  const Dataset& data_;
+  alignas(64) std::array<std::uint8_t, 1024> planes_{};  // byte p of palette[c] at 256·p + c
 };
 
 // Which rows of a file a rank reads: every row, or (partitioned) its block of them,

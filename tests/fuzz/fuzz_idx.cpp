@@ -18,7 +18,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   sp::fuzz::write_file(images, image_bytes.data(), image_bytes.size());
   try {
     const sp::Dataset d = sp::read_idx(images, labels);
-    if (d.rows == 0 || d.cols == 0 || d.features.size() != d.rows * d.cols ||
+    if (d.rows == 0 || d.cols == 0 || !d.coded || d.codes.size() != d.rows * d.cols ||
+        d.feature_values().size() != d.rows * d.cols ||
         d.labels.size() != d.rows) {
       std::abort();
     }
