@@ -557,6 +557,17 @@ void gather_targets(const Dataset& data, std::span<const std::uint32_t> indices,
   }
 }
 
+void prefetch_rows(const Dataset& data, std::span<const std::uint32_t> indices) {
+  if (data.streamed) return;
+  const std::size_t bytes = data.cols * (data.coded ? 1 : sizeof(float));
+  for (const std::uint32_t index : indices) {
+    const std::size_t row = held_row(data, index);
+    const char* begin = data.coded ? reinterpret_cast<const char*>(data.codes.data() + row * data.cols)
+                                   : reinterpret_cast<const char*>(data.features.data() + row * data.cols);
+    for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(begin + b);
+  }
+}
+
 void gather(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
             float* x, float* y) {
   SP_CHECK(!data.streamed, data.source, ": a streamed data set holds no rows to copy");

@@ -288,6 +288,15 @@ MinibatchStats Trainer::step(std::span<const std::uint32_t> global_batch,
       gather_shard(next_batch, x_[next].data(), y_[next].data(), micros);
     });
   }
+  if (!next_batch.empty() && !exchange_ && !stream_) {
+    // The next step's rows start coming from memory now, to be in the cache when they are
+    // copied after backward (small model, one thread: 170-174k samples/s against 163-168k
+    // in four alternating pairs; two threads the same either way).
+    for (std::size_t m = 0; m < micros; ++m) {
+      const Range part = micro_shard(next_batch.size(), m, micros, comm_.rank(), comm_.size(), chunk);
+      prefetch_rows(train_, next_batch.subspan(part.begin, part.size()));
+    }
+  }
   const auto wait_for_reader = [&] { reader_->wait(); };
   prefetched_ = {};
   // Every collective from here until the next step (the checkpoint of this step included)

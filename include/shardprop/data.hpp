@@ -128,6 +128,9 @@ void check_fits(const Dataset& data, const ModelSpec& spec, const std::string& n
 // the label itself for K = 1, or the stored target rows.
 void gather(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
             float* x, float* y);
+// Starts reading the held rows `indices` (as for gather) from memory into the cache, for a
+// gather of them a little later.
+void prefetch_rows(const Dataset& data, std::span<const std::uint32_t> indices);
 // The targets alone, as gather() writes them into y (also of a streamed set, which holds
 // every row's labels or targets).
 void gather_targets(const Dataset& data, std::span<const std::uint32_t> indices, std::size_t k,
