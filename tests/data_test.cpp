@@ -54,6 +54,11 @@ TEST_F(DataTest, IdxGzipAndPlainReadAlikeWithPixelsScaled) {
     const AlignedVector<float> values = d.feature_values();
     EXPECT_FLOAT_EQ(values[1], 20.0f / 255.0f);
     EXPECT_EQ(values[5], 1.0f);
+    // As `convert` writes it: floats in the file, held as bytes again with the same bits.
+    write_dataset(path("c.h5"), d);
+    const Dataset r = read_dataset(path("c.h5"));
+    EXPECT_TRUE(r.coded);
+    EXPECT_TRUE(testing::same_bits(r.feature_values(), values));
     EXPECT_EQ(d.labels, (std::vector<std::int32_t>{7, 0, 9}));
   }
 }
