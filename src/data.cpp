@@ -171,14 +171,11 @@ void read_features(hid_t features, const std::vector<hsize_t>& dims, Dataset& da
     if (data.coded && !coder.code(into, n * cols, data.codes.data() + done * cols)) {
       // A 257th value: the rows so far become floats, and the rest are read as floats.
       data.palette = coder.palette();
-      data.coded = false;
       hold(data.features);
-      for (std::size_t r = 0; r < done; ++r) {
-        for (std::size_t j = 0; j < cols; ++j) {
-          data.features[r * cols + j] = data.palette[data.codes[r * cols + j]];
-        }
-      }
+      const RowCopier widen(data);
+      for (std::size_t r = 0; r < done; ++r) widen(r, data.features.data() + r * cols);
       std::copy_n(into, n * cols, data.features.data() + done * cols);
+      data.coded = false;
       data.codes = {};
       data.palette = {};
     }
