@@ -284,9 +284,17 @@ DataLayout data_layout(const std::string& path) {
 
 void write_dataset(const std::string& path, const Dataset& data) {
   h5::Handle file = h5::create_file(path);
-  const AlignedVector<float> widened = data.coded ? data.feature_values() : AlignedVector<float>();
-  h5::write_dataset(file.get(), "features", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
-                    {data.rows, data.cols}, (data.coded ? widened : data.features).data());
+  if (data.coded) {
+    // Widened a piece at a time: never the whole set as floats.
+    const RowCopier copy(data);
+    h5::write_float_rows(file.get(), "features", H5T_IEEE_F32LE, {data.rows, data.cols},
+                         [&](hsize_t first, hsize_t count, float* out) {
+                           for (hsize_t r = 0; r < count; ++r) copy(first + r, out + r * data.cols);
+                         });
+  } else {
+    h5::write_dataset(file.get(), "features", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
+                      {data.rows, data.cols}, data.features.data());
+  }
   if (data.has_labels()) {
     h5::write_dataset(file.get(), "labels", H5T_STD_I32LE, H5T_NATIVE_INT32, {data.rows},
                       data.labels.data());

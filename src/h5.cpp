@@ -271,6 +271,34 @@ void write_dataset(hid_t where, const std::string& name, hid_t file_type, hid_t 
   dataset.close("closing dataset '" + name + "'");
 }
 
+void write_float_rows(hid_t where, const std::string& name, hid_t file_type,
+                      const std::vector<hsize_t>& dims,
+                      FunctionRef<hsize_t, hsize_t, float*> fill) {
+  SP_CHECK(dims.size() == 2, "dataset '", name, "': not 2-D");
+  Handle space(H5Screate_simple(2, dims.data(), nullptr), H5Sclose,
+               "creating the dataspace of '" + name + "'");
+  Handle dataset(H5Dcreate2(where, name.c_str(), file_type, space.get(), H5P_DEFAULT,
+                            H5P_DEFAULT, H5P_DEFAULT),
+                 H5Dclose, "creating dataset '" + name + "'");
+  const hsize_t width = std::max<hsize_t>(dims[1], 1);
+  const hsize_t piece = std::max<hsize_t>(1, (hsize_t(4) << 20) / (width * sizeof(float)));
+  std::vector<float> buffer(std::min(piece, dims[0]) * dims[1]);
+  for (hsize_t done = 0; done < dims[0];) {
+    const hsize_t n = std::min(piece, dims[0] - done);
+    fill(done, n, buffer.data());
+    const hsize_t start[2] = {done, 0}, size[2] = {n, dims[1]};
+    check(H5Sselect_hyperslab(space.get(), H5S_SELECT_SET, start, nullptr, size, nullptr),
+          "selecting rows of dataset '" + name + "'");
+    Handle memory(H5Screate_simple(2, size, nullptr), H5Sclose,
+                  "creating the dataspace of rows of '" + name + "'");
+    check(H5Dwrite(dataset.get(), H5T_NATIVE_FLOAT, memory.get(), space.get(), H5P_DEFAULT,
+                   buffer.data()),
+          detail::concat("writing rows ", done, " to ", done + n - 1, " of dataset '", name, "'"));
+    done += n;
+  }
+  dataset.close("closing dataset '" + name + "'");
+}
+
 namespace {
 void write_scalar(hid_t where, const char* name, hid_t file_type, hid_t mem_type,
                   const void* value) {

@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "shardprop/function_ref.hpp"
+
 namespace shardprop::h5 {
 
 // Silences HDF5's own error-stack printing; our errors say what failed in one line.
@@ -93,6 +95,12 @@ void read_rows(hid_t dataset, hid_t mem_type, const std::vector<hsize_t>& dims, 
 // after another, in one read of their union.
 void read_rows_at(hid_t dataset, hid_t mem_type, const std::vector<hsize_t>& dims,
                   std::span<const hsize_t> rows, void* out, const std::string& what);
+// Writes a new 2-D dataset of float rows of file type `file_type` and dimensions `dims`
+// (contiguous), a piece of about 4 MB at a time: fill(first, count, out) writes rows
+// [first, first + count) into out. The rows are never all in memory at once.
+void write_float_rows(hid_t where, const std::string& name, hid_t file_type,
+                      const std::vector<hsize_t>& dims,
+                      FunctionRef<hsize_t, hsize_t, float*> fill);
 // Writes a new dataset of file type `file_type` with the given dimensions from `data`;
 // with chunk_rows > 0, in chunks of that many whole rows.
 void write_dataset(hid_t where, const std::string& name, hid_t file_type, hid_t mem_type,

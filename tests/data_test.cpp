@@ -189,6 +189,9 @@ TEST_F(DataTest, FeaturesOf256ValuesAreHeldAsBytesWithTheirBits) {
   EXPECT_TRUE(whole.features.empty());
   EXPECT_EQ(whole.codes.size(), d.rows * d.cols);
   EXPECT_TRUE(testing::same_bits(whole.feature_values(), d.features));
+  // Written from bytes (widened in pieces of 4 MB, as for the reads), the same file again.
+  write_dataset(path("again.h5"), whole);
+  EXPECT_TRUE(testing::same_bits(read_dataset(path("again.h5")).feature_values(), d.features));
   const Dataset part = read_dataset(path("d.h5"), true, RowBlock{1, 3, 0});
   EXPECT_TRUE(part.coded);
   ASSERT_EQ(part.first, 1000u);
