@@ -144,6 +144,10 @@ class Trainer {
   // each (micro_shard), one after the other.
   void gather_shard(std::span<const std::uint32_t> batch, float* x, float* y,
                     std::size_t micros = 1);
+  // Calls each(part) for this rank's part of each of `micros` micro-batches of `batch`
+  // (micro_shard), in order: the rows gather_shard copies.
+  void for_own_parts(std::span<const std::uint32_t> batch, std::size_t micros,
+                     FunctionRef<std::span<const std::uint32_t>> each) const;
   void check_agreement();
   void after_step(bool epoch_ended, TrainObserver& observer, Checkpointer* checkpointer);
   // After a whole epoch: validates, and keeps the best --monitor value (and its model).
